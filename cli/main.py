@@ -1,0 +1,94 @@
+"""The ``geonet`` click group: ``--version``, ``-v/-q``, and one-line errors with exit codes.
+
+Expected faults (:class:`geonet.errors.GeonetError`) and click's own usage errors print one line,
+``Error: ...``, on stderr with no traceback: exit code 2 for bad usage or bad inputs, 1 for a failure
+during the work. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+import geonet
+from geonet.errors import GeonetError
+
+
+class GeonetGroup(click.Group):
+    """A click group whose errors are one line each (see module docstring)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            hint = ""
+            if exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} --help')"
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except GeonetError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            name = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"Error: {name}{exc.strerror}", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _setup_logging(verbose: int, quiet: int) -> None:
+    level = logging.WARNING - 10 * verbose + 10 * quiet
+    level = max(logging.DEBUG, min(logging.CRITICAL, level))
+    logger = logging.getLogger("geonet")
+    logger.setLevel(level)
+    if not any(getattr(h, "_geonet", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("geonet: %(levelname)s: %(message)s"))
+        handler._geonet = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    for h in logger.handlers:
+        h.setLevel(level)
+
+
+@click.group(cls=GeonetGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(geonet.__version__, "--version", prog_name="geonet")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-q", "--quiet", count=True, help="Less log output (-q errors only).")
+def cli(verbose: int, quiet: int) -> None:
+    """geonet: find objects in aerial and satellite imagery with a RetinaNet.
+
+    \b
+    geonet check --imagery tiles/ --labels pools.shp     pre-flight report
+    geonet chip  --imagery tiles/ --labels pools.shp -o chips/
+    geonet train --imagery tiles/ --labels pools.shp -o runs/pools
+    geonet detect scene.tif --model runs/pools/best.pt -o out.geojson
+    geonet evaluate out.geojson --truth pools.shp -o report/
+    """
+    _setup_logging(verbose, quiet)
+
+
+def _register() -> None:
+    from geonet.cli import chip, check
+
+    for mod in (check, chip):
+        cli.add_command(mod.command)
+
+
+_register()
