@@ -85,10 +85,14 @@ def cli(verbose: int, quiet: int) -> None:
 
 
 def _register() -> None:
-    from geonet.cli import chip, check
+    from geonet.cli import anchors, check, chip, train
 
-    for mod in (check, chip):
+    for mod in (check, chip, anchors, train):
         cli.add_command(mod.command)
 
 
 _register()
+
+
+if __name__ == "__main__":  # python -m geonet.cli.main
+    cli()

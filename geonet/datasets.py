@@ -269,6 +269,11 @@ class ChipDataset(_DetectionDataset):
             self._infos[path] = describe_raster(path, bands=self.bands)
         return self._infos[path]
 
+    def image_size(self, i: int) -> tuple[int, int]:
+        """``(width, height)`` of sample ``i`` in pixels."""
+        info = self.info(i)
+        return info.width, info.height
+
     def _read(self, i: int):
         info = self.info(i)
         src = self._sources.get(info.path)
@@ -321,6 +326,10 @@ class RasterWindowDataset(_DetectionDataset):
 
     def info(self, i: int) -> RasterInfo:
         return self.plan.infos[self.specs[i].raster]
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """``(width, height)`` of sample ``i`` in pixels."""
+        return self.specs[i].window[2], self.specs[i].window[3]
 
     def _read(self, i: int):
         spec = self.specs[i]

@@ -1,0 +1,483 @@
+"""The detector: torchvision's RetinaNet, configured for overhead imagery.
+
+RetinaNet as in Lin et al., "Focal Loss for Dense Object Detection" (ICCV 2017, arXiv:1708.02002):
+a ResNet (or MobileNet) + FPN backbone with levels P3-P7 (P6 from C5 by a 3x3 stride-2 conv, P7 from
+P6), a classification subnet and a box subnet of four 3x3 conv + ReLU layers each (unshared between
+the two), focal loss with alpha = 0.25 and gamma = 2, and the prior pi = 0.01 bias initialisation of
+the classification layer. All of it is torchvision's implementation
+(:class:`torchvision.models.detection.RetinaNet`); geonet adds only:
+
+* a registry of backbones (:data:`BACKBONES`), including MobileNetV2/V3 with true P3-P5 strides;
+* configurable anchors, focal-loss alpha/gamma, matcher IoUs, score threshold, NMS IoU and
+  detections per image (:class:`ModelConfig`);
+* any band count: the first conv takes ``in_channels`` bands; with pretrained weights its RGB kernel
+  is adapted as timm's ``adapt_input_conv`` does (1 band: sum over RGB; C > 3: RGB repeated
+  cyclically and scaled by 3 / C), so that a band with the statistics of any RGB band starts with the
+  same response;
+* normalisation by per-band mean/std of the training data, stored in the model and checkpoint,
+  instead of ImageNet statistics, and **no resize**: torchvision's 800/1333 resize is switched off,
+  images are fed at their native size (and GSD);
+* losses normalised by the positive anchors of the whole batch, as in the paper (torchvision
+  normalises per image, see :class:`GeoClassificationHead`);
+* ignore regions: anchors that lie mostly (intersection over anchor area >= 0.5) inside an ignore
+  region and match no object are excluded from the classification loss (``matched = -2``, the
+  matcher's "between thresholds" value).
+
+Class ids are ``1..K``; id 0 is background and never a target (torchvision's convention), so the
+classification head has ``K + 1`` outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.models.detection.retinanet import (RetinaNet, RetinaNetClassificationHead, RetinaNetHead,
+                                                    RetinaNetRegressionHead, _box_loss, _sum)
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from geonet.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BACKBONES", "ModelConfig", "GeoRetinaNet", "build_model", "adapt_first_conv", "anchor_generator"]
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the detector (stored in every checkpoint).
+
+    Attributes:
+        backbone: a key of :data:`BACKBONES`.
+        num_classes: object classes K (background excluded).
+        in_channels: input bands.
+        anchor_sizes: base anchor side in pixels per pyramid level P3..P7.
+        anchor_scales: multipliers of the base size at each level (octave scales).
+        anchor_ratios: aspect ratios height / width.
+        focal_alpha, focal_gamma: focal loss parameters.
+        fg_iou, bg_iou: matcher thresholds (anchor IoU >= fg_iou: object; < bg_iou: background).
+        score_thresh: minimum score of a detection.
+        nms_iou: IoU of the per-class NMS inside an image.
+        detections_per_img: detections kept per image after NMS.
+        topk_candidates: candidates per level before NMS.
+        mean, std: per-band normalisation statistics in raw band units (length ``in_channels``).
+        p6_from: ``"c5"`` (the paper) or ``"p5"`` (torchvision's COCO v1 weights).
+        trainable_layers: backbone stages that are trained (5 = all).
+        frozen_bn: use frozen batch norm in the backbone (pretrained weights).
+    """
+
+    backbone: str = "resnet50"
+    num_classes: int = 1
+    in_channels: int = 3
+    anchor_sizes: tuple[float, ...] = (32, 64, 128, 256, 512)
+    anchor_scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    fg_iou: float = 0.5
+    bg_iou: float = 0.4
+    score_thresh: float = 0.05
+    nms_iou: float = 0.5
+    detections_per_img: int = 300
+    topk_candidates: int = 1000
+    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    p6_from: str = "c5"
+    trainable_layers: int = 5
+    frozen_bn: bool = False
+
+    def validate(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise InputError(f"--backbone {self.backbone!r} is unknown.", fix=f"choose one of {', '.join(BACKBONES)}.")
+        if len(self.anchor_sizes) != 5:
+            raise InputError(f"--anchor-sizes needs 5 values (P3..P7), got {len(self.anchor_sizes)}.",
+                             fix="e.g. --anchor-sizes 32,64,128,256,512.")
+        for name in ("anchor_sizes", "anchor_scales", "anchor_ratios"):
+            vals = getattr(self, name)
+            if not vals or min(vals) <= 0:
+                raise InputError(f"--{name.replace('_', '-')} must be positive numbers, got {list(vals)}.")
+        if not 0 <= self.bg_iou <= self.fg_iou <= 1:
+            raise InputError(f"matcher IoUs must satisfy 0 <= bg ({self.bg_iou}) <= fg ({self.fg_iou}) <= 1.")
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+            raise InputError(f"normalisation stats have {len(self.mean)} bands but the model takes "
+                             f"{self.in_channels}.")
+        if self.num_classes < 1:
+            raise InputError("the model needs at least one class.")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("anchor_sizes", "anchor_scales", "anchor_ratios"):
+            d[k] = [float(v) for v in d[k]]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in d.items() if k in known}
+        for k in ("anchor_sizes", "anchor_scales", "anchor_ratios"):
+            if k in kw:
+                kw[k] = tuple(float(v) for v in kw[k])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A registry entry: how to build the body and which torchvision weights are its ImageNet ones."""
+
+    family: str  # "resnet" or "mobilenet"
+    builder: Callable[..., nn.Module]
+    imagenet: str  # name of the torchvision weights enum member, e.g. "ResNet50_Weights.IMAGENET1K_V1"
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec("resnet", torchvision.models.resnet18, "ResNet18_Weights.IMAGENET1K_V1"),
+    "resnet34": BackboneSpec("resnet", torchvision.models.resnet34, "ResNet34_Weights.IMAGENET1K_V1"),
+    "resnet50": BackboneSpec("resnet", torchvision.models.resnet50, "ResNet50_Weights.IMAGENET1K_V1"),
+    "resnet101": BackboneSpec("resnet", torchvision.models.resnet101, "ResNet101_Weights.IMAGENET1K_V1"),
+    "mobilenet_v2": BackboneSpec("mobilenet", torchvision.models.mobilenet_v2, "MobileNet_V2_Weights.IMAGENET1K_V1"),
+    "mobilenet_v3_large": BackboneSpec("mobilenet", torchvision.models.mobilenet_v3_large,
+                                       "MobileNet_V3_Large_Weights.IMAGENET1K_V1"),
+}
+
+#: torchvision's COCO-trained RetinaNet (ResNet-50-FPN, v1 head, P6 from P5).
+COCO_WEIGHTS = "RetinaNet_ResNet50_FPN_Weights.COCO_V1"
+
+
+def _weights_enum(name: str):
+    """``"ResNet50_Weights.IMAGENET1K_V1"`` -> the torchvision weights enum member."""
+    enum_name, member = name.split(".")
+    enum = getattr(torchvision.models, enum_name, None) or getattr(torchvision.models.detection, enum_name)
+    return getattr(enum, member)
+
+
+def _download_state_dict(weights) -> dict:
+    """Fetch torchvision weights through torch.hub's cache; a one-line error with the fix when offline."""
+    from torch.hub import get_dir
+
+    url = weights.url
+    fname = os.path.basename(url)
+    cache = Path(get_dir()) / "checkpoints"
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub prints "Downloading: ..." there
+            return weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as exc:  # URLError, HTTPError, socket errors, ... when offline
+        raise InputError(
+            f"--weights: cannot download {fname} ({type(exc).__name__}: {' '.join(str(exc).split())[:100]}).",
+            fix=f"on a machine with internet, download {url} and place it at {cache / fname} "
+                "(the torch hub cache; set TORCH_HOME to move it), or pass --weights PATH to a local file, "
+                "or --weights none.") from None
+
+
+def adapt_first_conv(weight: Tensor, in_channels: int) -> Tensor:
+    """Adapt an RGB first-conv kernel ``[O, 3, k, k]`` to ``in_channels`` bands.
+
+    Follows timm's ``adapt_input_conv``: for 1 band, the sum over the RGB kernels; for C > 3, the RGB
+    kernels repeated cyclically to C and scaled by 3 / C (so the response to C bands with RGB-like
+    statistics equals that of the RGB input); for 2 bands, the first two RGB kernels scaled by 3 / 2.
+
+    Returns:
+        ``[O, in_channels, k, k]`` kernel, same dtype.
+    """
+    if in_channels == weight.shape[1]:
+        return weight
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = math.ceil(in_channels / weight.shape[1])
+    return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (weight.shape[1] / float(in_channels))
+
+
+def anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
+    """torchvision AnchorGenerator with ``len(scales) * len(ratios)`` anchors per location and level."""
+    sizes = tuple(tuple(float(s) * float(k) for k in cfg.anchor_scales) for s in cfg.anchor_sizes)
+    ratios = (tuple(float(r) for r in cfg.anchor_ratios),) * len(sizes)
+    return AnchorGenerator(sizes, ratios)
+
+
+class GeoTransform(GeneralizedRCNNTransform):
+    """GeneralizedRCNNTransform without resizing, normalising with the data's own band statistics.
+
+    Images are padded to a multiple of 32 and batched; boxes are left untouched (native size and GSD).
+    With ``channels_last`` the batch is laid out NHWC for faster convolutions on CUDA.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__(min_size=1, max_size=1, image_mean=list(mean), image_std=list(std), size_divisible=32)
+        self.channels_last = False
+
+    def resize(self, image, target=None):
+        return image, target
+
+    def batch_images(self, images, size_divisible: int = 32):
+        batched = super().batch_images(images, size_divisible)
+        if self.channels_last:
+            batched = batched.contiguous(memory_format=torch.channels_last)
+        return batched
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        return result  # no resize happened, nothing to map back
+
+
+class GeoClassificationHead(RetinaNetClassificationHead):
+    """RetinaNet classification subnet with configurable focal-loss alpha and gamma.
+
+    The loss is normalised by the number of positive anchors in the whole batch, as in the paper.
+    (torchvision divides each image's loss by that image's own positives, at least 1, so a
+    background-only chip contributes the unnormalised sum over all its anchors: measured here, that
+    made the training loss jump from ~1.7 to ~25 in the first epochs on data with negative chips.)
+    """
+
+    def __init__(self, in_channels, num_anchors, num_classes, *, alpha: float = 0.25, gamma: float = 2.0, **kw):
+        super().__init__(in_channels, num_anchors, num_classes, **kw)
+        self.alpha = alpha
+        self.gamma = gamma
+
+    def compute_loss(self, targets, head_outputs, matched_idxs):
+        losses = []
+        num_foreground = 0
+        cls_logits = head_outputs["cls_logits"]  # [B, A, K + 1]
+        for targets_per_image, cls_logits_per_image, matched_idxs_per_image in zip(targets, cls_logits, matched_idxs):
+            foreground = matched_idxs_per_image >= 0  # [A]
+            num_foreground += int(foreground.sum())
+            gt_classes_target = torch.zeros_like(cls_logits_per_image)  # [A, K + 1]
+            gt_classes_target[foreground, targets_per_image["labels"][matched_idxs_per_image[foreground]]] = 1.0
+            valid = matched_idxs_per_image != self.BETWEEN_THRESHOLDS
+            losses.append(sigmoid_focal_loss(cls_logits_per_image[valid], gt_classes_target[valid], alpha=self.alpha,
+                                             gamma=self.gamma, reduction="sum"))
+        return _sum(losses) / max(1, num_foreground)
+
+
+class GeoRegressionHead(RetinaNetRegressionHead):
+    """RetinaNet box subnet; its loss is normalised by the batch's positive anchors (see above)."""
+
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
+        losses = []
+        num_foreground = 0
+        bbox_regression = head_outputs["bbox_regression"]  # [B, A, 4]
+        for targets_per_image, bbox_regression_per_image, anchors_per_image, matched_idxs_per_image in zip(
+                targets, bbox_regression, anchors, matched_idxs):
+            fg = torch.where(matched_idxs_per_image >= 0)[0]  # [P]
+            num_foreground += fg.numel()
+            matched_gt = targets_per_image["boxes"][matched_idxs_per_image[fg]]  # [P, 4]
+            losses.append(_box_loss(self._loss_type, self.box_coder, anchors_per_image[fg, :], matched_gt,
+                                    bbox_regression_per_image[fg, :]))
+        return _sum(losses) / max(1, num_foreground)
+
+
+class GeoRetinaNet(RetinaNet):
+    """torchvision RetinaNet plus ignore regions in the loss (see module docstring).
+
+    Forward, as torchvision's: in training ``model(images, targets)`` returns
+    ``{"classification": Tensor, "bbox_regression": Tensor}``; in eval ``model(images)`` returns one dict
+    per image with ``boxes`` (FloatTensor[N, 4], ``[x1, y1, x2, y2]`` pixels of that image,
+    ``0 <= x1 < x2 <= W``), ``scores`` (FloatTensor[N]) and ``labels`` (Int64Tensor[N], ``1..K``).
+    ``images`` is a list of FloatTensor ``[C, H, W]`` of raw band values; targets may carry
+    ``ignore`` (FloatTensor[M, 4]).
+    """
+
+    IGNORE_IOA = 0.5
+
+    def compute_loss(self, targets, head_outputs, anchors):
+        matched_idxs = []
+        for anchors_per_image, targets_per_image in zip(anchors, targets):  # anchors: [A, 4]
+            if targets_per_image["boxes"].numel() == 0:
+                m = torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64, device=anchors_per_image.device)
+            else:
+                quality = box_ops.box_iou(targets_per_image["boxes"], anchors_per_image)  # [N, A]
+                m = self.proposal_matcher(quality)
+            ignore = targets_per_image.get("ignore")
+            if ignore is not None and ignore.numel():
+                ioa = _intersection_over_first(anchors_per_image, ignore.to(anchors_per_image))  # [A, M]
+                on_ignore = (ioa.max(dim=1).values >= self.IGNORE_IOA) & (m < 0)
+                m = torch.where(on_ignore, torch.full_like(m, self.proposal_matcher.BETWEEN_THRESHOLDS), m)
+            matched_idxs.append(m)
+        return self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
+
+
+def _intersection_over_first(a: Tensor, b: Tensor) -> Tensor:
+    """``[A, M]`` intersection area over the area of each box of ``a`` (``[A, 4]`` and ``[M, 4]`` xyxy)."""
+    lt = torch.max(a[:, None, :2], b[None, :, :2])  # [A, M, 2]
+    rb = torch.min(a[:, None, 2:], b[None, :, 2:])  # [A, M, 2]
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]  # [A, M]
+    area = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])).clamp(min=1e-6)  # [A]
+    return inter / area[:, None]
+
+
+def _load_local_state_dict(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"--weights {path}: no such file.", fix="pass coco, imagenet, none or a local weights file.")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"--weights {path}: not a torch state dict that loads with weights_only=True "
+                         f"({type(exc).__name__}).", fix="pass a .pth of tensors (state_dict) or a geonet checkpoint.") from None
+    if isinstance(sd, dict) and sd.get("format") == "geonet-detector":
+        return sd
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise InputError(f"--weights {path}: the file does not hold a state dict of tensors.")
+    return sd
+
+
+def _body(cfg: ModelConfig, weights: str) -> tuple[nn.Module, bool]:
+    """The classification backbone with pretrained weights loaded and the first conv adapted."""
+    spec = BACKBONES[cfg.backbone]
+    norm = FrozenBatchNorm2d if cfg.frozen_bn else nn.BatchNorm2d
+    body = spec.builder(weights=None, norm_layer=norm)
+    pretrained = False
+    if weights == "imagenet":
+        sd = _download_state_dict(_weights_enum(spec.imagenet))
+        body.load_state_dict(sd)
+        pretrained = True
+    elif weights not in ("none", "coco", None, ""):
+        sd = _load_local_state_dict(weights)
+        if sd.get("format") != "geonet-detector":
+            sd = {k.removeprefix("module.").removeprefix("backbone.body."): v for k, v in sd.items()}
+            missing, unexpected = body.load_state_dict(sd, strict=False)
+            missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
+            if unexpected or missing:
+                raise InputError(f"--weights {weights}: the keys do not match backbone {cfg.backbone} "
+                                 f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. "
+                                 f"{(missing + unexpected)[:2]}).", fix="choose the --backbone the weights were "
+                                 "trained for.")
+            pretrained = True
+    first = body.conv1 if spec.family == "resnet" else body.features[0][0]
+    if cfg.in_channels != first.in_channels:
+        new = nn.Conv2d(cfg.in_channels, first.out_channels, first.kernel_size, first.stride, first.padding,
+                        bias=first.bias is not None)
+        with torch.no_grad():
+            if pretrained:
+                new.weight.copy_(adapt_first_conv(first.weight, cfg.in_channels))
+        if spec.family == "resnet":
+            body.conv1 = new
+        else:
+            body.features[0][0] = new
+    return body, pretrained
+
+
+def _mobilenet_fpn(body: nn.Module, trainable_layers: int, extra_from_c5: bool) -> BackboneWithFPN:
+    """MobileNet + FPN with outputs at strides 8, 16, 32 (C3, C4, C5), then P6, P7.
+
+    torchvision's own mobilenet FPN returns two stride-32 maps (for SSDlite / Faster R-CNN); RetinaNet
+    needs P3-P5, so each C_k here is the *last* block of its stride.
+    """
+    features = body.features
+    stage_starts = [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)]  # strided blocks
+    c5 = len(features) - 1
+    c4 = stage_starts[-1] - 1
+    c3 = stage_starts[-2] - 1
+    stage_indices = [0] + stage_starts + [c5]
+    freeze_before = len(features) if trainable_layers == 0 else \
+        stage_indices[max(0, len(stage_indices) - trainable_layers)]
+    if trainable_layers < len(stage_indices):
+        for b in features[:freeze_before]:
+            for p in b.parameters():
+                p.requires_grad_(False)
+    channels = [features[i].out_channels for i in (c3, c4, c5)]
+    extra = LastLevelP6P7(channels[-1] if extra_from_c5 else 256, 256)
+    return BackboneWithFPN(features, {str(c3): "0", str(c4): "1", str(c5): "2"}, channels, 256, extra_blocks=extra)
+
+
+def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
+    """Build the detector.
+
+    Args:
+        cfg: model configuration (validated here).
+        weights: ``"none"`` (random init), ``"imagenet"`` (torchvision's ImageNet backbone weights via the
+            torch hub cache), ``"coco"`` (torchvision's COCO RetinaNet, ResNet-50 only; the class layer is
+            re-initialised for ``num_classes``), or a path to a local file: backbone weights with
+            torchvision key names (e.g. ``mobilenet_v2_imagenet.pth``) or a geonet checkpoint (fine-tune).
+
+    Returns:
+        A :class:`GeoRetinaNet` in train mode, on the CPU.
+
+    Raises:
+        InputError: bad config, weights that do not fit the backbone, or weights that cannot be
+            downloaded (the message says which file to place where).
+    """
+    cfg.validate()
+    if weights == "coco":
+        if cfg.backbone != "resnet50":
+            raise InputError(f"--weights coco exists for --backbone resnet50 only (got {cfg.backbone}).",
+                             fix="use --backbone resnet50, or --weights imagenet.")
+        cfg.p6_from = "p5"
+    body, pretrained = _body(cfg, weights)
+    pretrained = pretrained or weights == "coco"
+    spec = BACKBONES[cfg.backbone]
+    layers = cfg.trainable_layers
+    if cfg.in_channels != 3 and layers < 5:
+        layers = 5  # the adapted first conv must learn
+    if spec.family == "resnet":
+        c5 = body.fc.in_features
+        extra = LastLevelP6P7(c5 if cfg.p6_from == "c5" else 256, 256)
+        backbone = _resnet_fpn_extractor(body, layers, returned_layers=[2, 3, 4], extra_blocks=extra)
+    else:
+        backbone = _mobilenet_fpn(body, layers, cfg.p6_from == "c5")
+    anchors = anchor_generator(cfg)
+    num_anchors = anchors.num_anchors_per_location()[0]
+    head_cls = GeoClassificationHead(256, num_anchors, cfg.num_classes + 1, alpha=cfg.focal_alpha,
+                                     gamma=cfg.focal_gamma)
+    head = RetinaNetHead(256, num_anchors, cfg.num_classes + 1)
+    # same layers and initialisation as torchvision's (prior pi = 0.01), batch-normalised losses
+    head.classification_head = head_cls
+    head.regression_head = GeoRegressionHead(256, num_anchors)
+    model = GeoRetinaNet(backbone, cfg.num_classes + 1, anchor_generator=anchors, head=head,
+                         score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_iou,
+                         detections_per_img=cfg.detections_per_img, fg_iou_thresh=cfg.fg_iou,
+                         bg_iou_thresh=cfg.bg_iou, topk_candidates=cfg.topk_candidates)
+    model.transform = GeoTransform(cfg.mean, cfg.std)
+    if weights == "coco":
+        _load_coco(model, cfg)
+    elif weights not in ("none", "imagenet", None, "") and Path(weights).exists():
+        sd = _load_local_state_dict(weights)
+        if sd.get("format") == "geonet-detector":
+            _load_geonet(model, sd, cfg)
+    return model
+
+
+def _load_coco(model: GeoRetinaNet, cfg: ModelConfig) -> None:
+    sd = _download_state_dict(_weights_enum(COCO_WEIGHTS))
+    own = model.state_dict()
+    keep = {}
+    for k, v in sd.items():
+        if k in own and own[k].shape == v.shape:
+            keep[k] = v
+        elif k == "backbone.body.conv1.weight":
+            keep[k] = adapt_first_conv(v, cfg.in_channels)
+    missing, _ = model.load_state_dict(keep, strict=False)
+    log.info("COCO weights loaded; re-initialised: %s", ", ".join(sorted(missing)) or "nothing")
+
+
+def _load_geonet(model: GeoRetinaNet, ckpt: dict, cfg: ModelConfig) -> None:
+    """Initialise from a geonet checkpoint (fine-tuning): every tensor whose shape fits."""
+    own = model.state_dict()
+    keep = {k: v for k, v in ckpt["state_dict"].items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("backbone.body") for k in keep):
+        raise InputError("--weights: the geonet checkpoint's backbone does not fit "
+                         f"--backbone {cfg.backbone} with {cfg.in_channels} band(s).")
+    model.load_state_dict(keep, strict=False)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(total, trainable)`` parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+

@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+import torch
+
+from geonet.anchors import anchor_coverage, best_anchor_iou, check_against_torchvision, fit_anchors
+from geonet.errors import InputError
+from geonet.model import BACKBONES, ModelConfig, adapt_first_conv, build_model
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+@pytest.mark.parametrize("bands", [1, 4])
+def test_every_backbone_builds_p3_p7_for_any_band_count(backbone, bands):
+    if backbone in ("resnet101", "resnet50") and bands == 1:
+        pytest.skip("large backbones: one band count is enough")
+    cfg = ModelConfig(backbone=backbone, num_classes=2, in_channels=bands, mean=[0.0] * bands, std=[1.0] * bands)
+    m = build_model(cfg)
+    feats = m.backbone(torch.zeros(1, bands, 128, 128))
+    assert [tuple(f.shape[-2:]) for f in feats.values()] == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    # prior pi = 0.01 on the classification layer, unshared 4-conv subnets
+    b = m.head.classification_head.cls_logits.bias
+    assert torch.allclose(torch.sigmoid(b), torch.full_like(b, 0.01))
+    assert len(m.head.classification_head.conv) == 4 and len(m.head.regression_head.conv) == 4
+
+
+def test_no_resize_and_data_normalisation():
+    cfg = ModelConfig(backbone="resnet18", in_channels=1, mean=[1000.0], std=[250.0])
+    m = build_model(cfg).eval()
+    img = torch.full((1, 200, 300), 1500.0)
+    batch, _ = m.transform([img])
+    assert batch.tensors.shape[-2:] == (224, 320)  # padded to /32, never resized to 800
+    assert batch.image_sizes == [(200, 300)]
+    assert torch.allclose(batch.tensors[0, 0, :200, :300], torch.tensor(2.0))
+
+
+def test_anchor_config_is_used():
+    cfg = ModelConfig(backbone="resnet18", anchor_sizes=(8, 16, 32, 64, 128), anchor_scales=(1.0, 2.0),
+                      anchor_ratios=(0.5, 1.0, 2.0, 4.0))
+    m = build_model(cfg)
+    assert m.anchor_generator.num_anchors_per_location() == [8] * 5
+    assert m.head.classification_head.num_anchors == 8
+
+
+def test_adapt_first_conv():
+    w = torch.randn(8, 3, 3, 3)
+    assert torch.allclose(adapt_first_conv(w, 1), w.sum(1, keepdim=True))
+    w5 = adapt_first_conv(w, 5)
+    assert w5.shape == (8, 5, 3, 3)
+    assert torch.allclose(w5[:, 3], w[:, 0] * 3 / 5)
+    # a 5-band input whose bands repeat RGB cyclically gives (almost) the RGB response
+    x = torch.randn(1, 3, 9, 9)
+    x5 = torch.cat([x, x[:, :2]], 1)
+    rgb = torch.nn.functional.conv2d(x, w)
+    five = torch.nn.functional.conv2d(x5, w5)
+    assert five.shape == rgb.shape
+
+
+def test_bad_config_errors():
+    with pytest.raises(InputError, match="--anchor-sizes needs 5"):
+        build_model(ModelConfig(anchor_sizes=(32, 64)))
+    with pytest.raises(InputError, match="--backbone"):
+        build_model(ModelConfig(backbone="vgg"))
+    with pytest.raises(InputError, match="coco exists for --backbone resnet50 only"):
+        build_model(ModelConfig(backbone="resnet18"), weights="coco")
+
+
+def test_offline_pretrained_error_names_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import urllib.request
+
+    def no_net(*a, **k):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_net)
+    with pytest.raises(InputError) as ei:
+        build_model(ModelConfig(backbone="resnet18"), weights="imagenet")
+    msg = str(ei.value)
+    assert "resnet18-f37072fd.pth" in msg and str(tmp_path) in msg and "\n" not in msg
+
+
+def test_local_weights_key_mismatch(tmp_path):
+    p = tmp_path / "w.pth"
+    torch.save({"foo.weight": torch.zeros(3)}, p)
+    with pytest.raises(InputError, match="do not match backbone"):
+        build_model(ModelConfig(backbone="mobilenet_v2"), weights=str(p))
+
+
+def test_shared_mobilenet_weights(shared_data):
+    path = shared_data.parent / "weights" / "mobilenet_v2_imagenet.pth"
+    sd = torch.load(path, weights_only=True)
+    m = build_model(ModelConfig(backbone="mobilenet_v2", in_channels=1, mean=[0.0], std=[1.0], frozen_bn=True,
+                                trainable_layers=3), weights=str(path))
+    first = m.backbone.body["0"][0].weight
+    assert torch.allclose(first, sd["features.0.0.weight"].sum(1, keepdim=True))  # 1 band: summed RGB kernel
+    assert torch.equal(m.backbone.body["7"].conv[0][0].weight, sd["features.7.conv.0.0.weight"])
+
+
+def test_anchor_coverage_exact_and_fit():
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 200, (200, 2))
+    wh = rng.uniform(6, 60, (200, 2))
+    boxes = np.column_stack([xy, xy + wh])
+    cfg = ModelConfig()
+    np.testing.assert_allclose(best_anchor_iou(boxes, cfg, (256, 256)),
+                               check_against_torchvision(boxes, cfg, (256, 256)), atol=1e-5)
+    fit = fit_anchors(boxes, (256, 256))
+    assert fit.coverage >= fit.default_coverage
+    small = ModelConfig(anchor_sizes=fit.sizes, anchor_ratios=fit.ratios)
+    assert anchor_coverage(boxes, small, (256, 256))[0] == pytest.approx(fit.coverage)
