@@ -85,9 +85,9 @@ def cli(verbose: int, quiet: int) -> None:
 
 
 def _register() -> None:
-    from geonet.cli import anchors, check, chip, train
+    from geonet.cli import anchors, check, chip, detect, train
 
-    for mod in (check, chip, anchors, train):
+    for mod in (check, chip, anchors, train, detect):
         cli.add_command(mod.command)
 
 

@@ -109,8 +109,8 @@ def _load_config(ctx, param, value):
               help="Stop when validation AP has not improved for this many epochs (0: off).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--devices", type=int, default=1, show_default=True, help="GPUs (DDP when > 1).")
-@click.option("--precision", type=click.Choice(["auto", "32", "bf16", "16"]), default="auto", show_default=True,
-              help="auto: bf16 AMP on CUDA where supported (else fp16 with a scaler), fp32 on CPU.")
+@click.option("--amp", type=click.Choice(["auto", "32", "bf16", "16"]), default="auto", show_default=True,
+              help="Mixed precision. auto: bf16 on CUDA where supported (else fp16 with a scaler), fp32 on CPU.")
 @click.option("--workers", type=int, default=None, help="DataLoader workers [default: 0 on CPU, up to 8 on CUDA].")
 @click.option("--limit-train-batches", type=int, default=None, hidden=True)
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint (same schedule).")

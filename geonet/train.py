@@ -128,7 +128,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     devices: int = 1
-    precision: str = "auto"
+    amp: str = "auto"
     workers: int | None = None
     limit_train_batches: int | None = None
 
@@ -153,8 +153,8 @@ class TrainConfig:
             raise InputError(f"--lr must be positive, got {self.lr}.")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InputError(f"--device {self.device!r}: choose auto, cpu or cuda.")
-        if self.precision not in ("auto", "32", "bf16", "16"):
-            raise InputError(f"--precision {self.precision!r}: choose auto, 32, bf16 or 16.")
+        if self.amp not in ("auto", "32", "bf16", "16"):
+            raise InputError(f"--amp {self.amp!r}: choose auto, 32, bf16 or 16.")
         self.chip_config().validate()
 
     def chip_config(self) -> ChipConfig:
@@ -525,11 +525,11 @@ def _make_callbacks(cfg: TrainConfig, model_cfg: ModelConfig, data: TrainData, r
 
 
 def _precision(cfg: TrainConfig, accelerator: str) -> str:
-    if cfg.precision == "32":
+    if cfg.amp == "32":
         return "32-true"
-    if cfg.precision == "bf16":
+    if cfg.amp == "bf16":
         return "bf16-mixed"
-    if cfg.precision == "16":
+    if cfg.amp == "16":
         return "16-mixed"
     if accelerator == "gpu":
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"

@@ -1,0 +1,588 @@
+"""Detection: the sliding-window predictor over whole scenes (``geonet detect``).
+
+For each scene:
+
+1. **Grid.** Tiles of the checkpoint's chip size (``tile``) every ``tile - overlap`` pixels, covering
+   the scene edge to edge (:func:`geonet.chip.window_offsets`: the last tile shifts inward). The
+   default overlap is the largest training box side, so every object is seen whole by some tile.
+2. **GSD.** If the scene's GSD differs from the training GSD by more than 10 %, tiles are read
+   resampled to the training GSD (GDAL resampling on read, bilinear; overviews used when
+   downsampling); the grid then lives in that resampled frame. ``resample=False`` turns this off.
+3. **Reading.** Tiles are read in DataLoader worker processes, one GDAL dataset handle per worker.
+   A batch's tiles of one tile row are read with one ``RasterIO`` call over their union window,
+   widened to the file's block boundaries when it is tiled, so each block is decoded once per
+   batch. Tiles that are all nodata are skipped without running the model; nodata pixels elsewhere
+   get the training band means (they normalise to 0). Batches travel as the raster's dtype (uint8:
+   one byte per pixel) in pinned memory and are converted to float and normalised on the device.
+4. **Model.** :class:`Detector` runs the RetinaNet on a ``[B, C, H, W]`` batch directly (no
+   torchvision transform: no resize, no per-image copies), under bf16 autocast on CUDA and
+   channels-last; its per-image NMS is torchvision's, on the device.
+5. **Merge.** :class:`geonet.merge.SeamMerger` merges tile detections in scene pixels (class-aware
+   ``batched_nms`` on the device, seam-aware: one whole box per object cut by a seam) and releases
+   each tile row as soon as it is final.
+6. **Write.** Final detections stream to the output (:mod:`geonet.write`) while later rows are
+   still being processed: memory holds a few tile rows, whatever the scene size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+from torchvision.models.detection.image_list import ImageList
+
+import geonet
+from geonet.checkpoint import file_sha256, load_checkpoint
+from geonet.errors import GeonetError, InputError
+from geonet.georef import pixel_boxes_to_polygons
+from geonet.merge import Detections, SeamMerger, TileGrid
+from geonet.raster import RasterInfo, RasterSource, describe_raster, find_rasters
+from geonet.write import FeatureBatch, output_format, write_features
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DetectConfig", "Detector", "ScenePlan", "plan_scene", "detect_scene", "detect", "parse_overlap"]
+
+
+@dataclass
+class DetectConfig:
+    """Options of ``geonet detect`` (see ``geonet detect --help``)."""
+
+    model: str
+    tile: int | None = None
+    overlap: str | float | None = None
+    batch_size: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+    amp: str = "auto"
+    score_thresh: float | None = None
+    merge_iou: float = 0.5
+    resample: bool = True
+    allow_no_crs: bool = False
+    nodata: float | None = None
+    coord_precision: int = 7
+    preview: str | None = None
+    resume: bool = False
+    format: str = "geojson"
+
+
+def parse_overlap(value: str | float | None) -> tuple[float, str] | None:
+    """``"64"``/``"64px"`` -> ``(64, "px")``, ``"6m"`` -> ``(6, "m")``.
+
+    Raises:
+        InputError: anything else.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return float(value), "px"
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(px|m)?\s*", str(value))
+    if not m:
+        raise InputError(f"--overlap {value!r}: give pixels (64 or 64px) or metres (6m).")
+    return float(m.group(1)), m.group(2) or "px"
+
+
+class Detector:
+    """A checkpoint ready to run on batches of tiles.
+
+    Args:
+        path: geonet checkpoint (``best.pt``).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"32"``, ``"bf16"``, ``"16"``.
+        score_thresh: override of the checkpoint's score threshold.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", precision: str = "auto",
+                 score_thresh: float | None = None):
+        model, ckpt = load_checkpoint(path)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA device is available.", fix="use --device auto or cpu.")
+        self.device = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "32"
+        self.precision = precision
+        self.amp_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
+        if score_thresh is not None:
+            model.score_thresh = float(score_thresh)
+        self.model = model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ckpt = ckpt
+        cfg = ckpt["model_config"]
+        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(cfg["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.classes: list[str] = list(ckpt["classes"])
+        self.in_channels = int(cfg["in_channels"])
+        self.path = str(path)
+        self.sha256 = file_sha256(path)
+        self.model_id = f"{Path(path).name}@{self.sha256[:12]}"
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Detect on ``batch`` ``[B, C, H, W]`` (raw band values, any dtype, on the CPU or the device).
+
+        Returns:
+            One dict per tile, on the device: ``boxes`` FloatTensor[N, 4] (xyxy, tile pixels),
+            ``scores`` FloatTensor[N], ``labels`` Int64Tensor[N] (1..K).
+        """
+        x = batch.to(self.device, non_blocking=True).float()
+        x = (x - self.mean) / self.std  # [B, C, H, W]
+        h, w = x.shape[-2:]
+        ph, pw = math.ceil(h / 32) * 32, math.ceil(w / 32) * 32  # as the training transform pads
+        if (ph, pw) != (h, w):
+            x = torch.nn.functional.pad(x, (0, pw - w, 0, ph - h))
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        m = self.model
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            features = list(m.backbone(x).values())  # P3..P7, each [B, 256, h_l, w_l]
+            head = m.head(features)  # cls_logits [B, HWA, K+1], bbox_regression [B, HWA, 4]
+        head = {k: v.float() for k, v in head.items()}
+        images = ImageList(x, [(h, w)] * x.shape[0])
+        anchors = m.anchor_generator(images, features)  # B x [HWA, 4]
+        per_level = [f.size(2) * f.size(3) for f in features]
+        a = head["cls_logits"].size(1) // sum(per_level)
+        per_level = [n * a for n in per_level]
+        split_head = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
+        split_anchors = [list(an.split(per_level)) for an in anchors]
+        return m.postprocess_detections(split_head, split_anchors, images.image_sizes)
+
+
+@dataclass
+class ScenePlan:
+    """How one scene is tiled.
+
+    Attributes:
+        info: the scene's header.
+        grid: tile grid in the *detection frame*: scene pixels divided by ``scale``.
+        scale: scene pixels per detection-frame pixel (1 without resampling; 2 when the scene's
+            GSD is half the training GSD).
+        overlap: overlap in detection-frame pixels.
+        gsd: GSD of the detection frame in metres (``None`` without a CRS).
+    """
+
+    info: RasterInfo
+    grid: TileGrid
+    scale: float
+    overlap: int
+    gsd: float | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig) -> ScenePlan:
+    """Check a scene against the model and lay out its tiles.
+
+    Raises:
+        InputError: no CRS (without ``allow_no_crs``), band count or dtype that the model was not
+            trained on, an overlap not smaller than the tile.
+    """
+    ck = det.ckpt
+    bands = ck.get("bands") or None
+    try:
+        info = describe_raster(path, bands=bands, nodata=cfg.nodata if cfg.nodata is not None else ck.get("nodata"))
+    except InputError as exc:
+        if "--bands" in str(exc):
+            raise InputError(f"the model reads bands {bands} but the scene has fewer bands.", path=path,
+                             fix="detect on imagery with the bands the model was trained on.") from None
+        raise
+    if len(info.bands) != det.in_channels:
+        raise InputError(f"the scene gives {len(info.bands)} band(s); the model takes {det.in_channels}.", path=path,
+                         fix="detect on imagery with the bands the model was trained on.")
+    if ck.get("dtype") and info.dtype != ck["dtype"]:
+        raise InputError(f"the scene's dtype is {info.dtype}; the model was trained on {ck['dtype']} data, so its "
+                         "normalisation would not fit.", path=path,
+                         fix=f"convert the scene to {ck['dtype']} with the same scaling as the training imagery.")
+    if info.crs is None and not cfg.allow_no_crs:
+        raise InputError("the scene has no CRS, so detections cannot be placed on a map.", path=path,
+                         fix="assign one with `gdal_edit.py -a_srs EPSG:XXXX`, or pass --allow-no-crs to write "
+                             "pixel coordinates.")
+    warnings = []
+    train_gsd = float(np.sqrt(ck["gsd"][0] * ck["gsd"][1])) if ck.get("gsd") else None
+    scene_gsd = info.gsd_mean
+    scale = 1.0
+    if train_gsd and scene_gsd:
+        ratio = train_gsd / scene_gsd
+        if abs(ratio - 1) > 0.10:
+            if cfg.resample:
+                scale = ratio
+            else:
+                warnings.append(f"--no-resample: the scene's GSD ({scene_gsd:.3f} m) differs from the training GSD "
+                                f"({train_gsd:.3f} m) by {100 * abs(ratio - 1):.0f} %; objects will look "
+                                f"{'larger' if ratio > 1 else 'smaller'} than in training.")
+    tile = int(cfg.tile or ck.get("chip_size") or 512)
+    frame_gsd = scene_gsd * scale if scene_gsd else None
+    ov = parse_overlap(cfg.overlap)
+    if ov is None:
+        stats = ck.get("box_stats") or {}
+        largest = max((stats.get("width") or [0])[-1], (stats.get("height") or [0])[-1])
+        overlap = int(math.ceil(largest)) if largest else tile // 8
+        if overlap >= tile // 2:
+            warnings.append(f"the largest training box ({largest:.0f} px) is at least half the tile; overlap capped "
+                            f"at {tile // 2} px, so larger objects may be cut.")
+            overlap = tile // 2
+    elif ov[1] == "m":
+        if not frame_gsd:
+            raise InputError(f"--overlap {cfg.overlap}: metres need a georeferenced scene.", path=path,
+                             fix="give the overlap in pixels.")
+        overlap = int(math.ceil(ov[0] / frame_gsd))
+    else:
+        overlap = int(math.ceil(ov[0]))
+    if overlap >= tile:
+        raise InputError(f"--overlap {overlap} px is not smaller than the tile ({tile} px).",
+                         fix="use an overlap of at least the largest object but below the tile size.")
+    width = int(math.ceil(info.width / scale))
+    height = int(math.ceil(info.height / scale))
+    return ScenePlan(info=info, grid=TileGrid.build(width, height, tile, overlap), scale=scale, overlap=overlap,
+                     gsd=frame_gsd, warnings=warnings)
+
+
+class _TileBatches(torch.utils.data.Dataset):
+    """Batches of tiles of one scene, read in DataLoader workers (see module docstring, step 3)."""
+
+    def __init__(self, plan: ScenePlan, batches: list[list[tuple[int, int]]], fill: np.ndarray):
+        self.plan = plan
+        self.source = RasterSource(plan.info)
+        self.batches = batches
+        self.fill = fill
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _segments(self, tiles):
+        seg = [tiles[0]]
+        for t in tiles[1:]:
+            if t[0] == seg[-1][0] and t[1] == seg[-1][1] + 1:
+                seg.append(t)
+            else:
+                yield seg
+                seg = [t]
+        yield seg
+
+    def __getitem__(self, k: int) -> dict:
+        plan, g = self.plan, self.plan.grid
+        info = plan.info
+        t = g.tile
+        kept, skipped, arrays = [], [], []
+        for seg in self._segments(self.batches[k]):
+            r = seg[0][0]
+            vx0, vx1 = g.xs[seg[0][1]], g.xs[seg[-1][1]] + t
+            vy0, vy1 = g.ys[r], g.ys[r] + t
+            if plan.scale == 1.0:
+                rx0, ry0, rx1, ry1 = vx0, vy0, vx1, vy1
+                if info.tiled:  # widen to block boundaries: whole blocks, each decoded once
+                    bh, bw = info.block_shape
+                    rx0, ry0 = max(0, rx0 // bw * bw), max(0, ry0 // bh * bh)
+                    rx1 = min(max(info.width, vx1), -(-rx1 // bw) * bw)
+                    ry1 = min(max(info.height, vy1), -(-ry1 // bh) * bh)
+                    rx1, ry1 = max(rx1, vx1), max(ry1, vy1)
+                data, valid = self.source.read(Window(rx0, ry0, rx1 - rx0, ry1 - ry0))
+                ox, oy = vx0 - rx0, vy0 - ry0
+            else:
+                s = plan.scale
+                data, valid = self.source.read(Window(vx0 * s, vy0 * s, (vx1 - vx0) * s, t * s),
+                                               out_size=(t, vx1 - vx0))
+                ox, oy = 0, 0
+            for (rr, cc) in seg:
+                x = g.xs[cc] - vx0 + ox
+                v = valid[oy:oy + t, x:x + t]
+                if not v.any():
+                    skipped.append((rr, cc))
+                    continue
+                d = data[:, oy:oy + t, x:x + t].copy()
+                if not v.all():
+                    d[:, ~v] = self.fill[:, None]
+                arrays.append(d)
+                kept.append((rr, cc))
+        stack = np.stack(arrays) if arrays else np.zeros((0, len(info.bands), t, t), dtype=info.dtype)
+        return {"data": torch.from_numpy(stack), "tiles": kept, "skipped": skipped}
+
+
+def _fill_values(det: Detector, dtype: str) -> np.ndarray:
+    mean = np.asarray(det.ckpt["model_config"]["mean"], dtype=np.float64)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        lim = np.iinfo(np.dtype(dtype))
+        mean = np.clip(np.round(mean), lim.min, lim.max)
+    return mean.astype(dtype)
+
+
+@dataclass
+class SceneResult:
+    """What :func:`detect_scene` did for one scene."""
+
+    scene: str
+    output: str
+    detections: int = 0
+    tiles: int = 0
+    tiles_skipped: int = 0
+    seconds: float = 0.0
+    seconds_model: float = 0.0
+    scale: float = 1.0
+    overlap: int = 0
+    max_boxes_held: int = 0
+    preview: str | None = None
+    error: str | None = None
+
+
+def _batches(grid: TileGrid, size: int) -> list[list[tuple[int, int]]]:
+    tiles = [(r, c) for r in range(len(grid.ys)) for c in range(len(grid.xs))]
+    return [tiles[i:i + size] for i in range(0, len(tiles), size)]
+
+
+def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig, output: str | os.PathLike[str], *,
+                 plan: ScenePlan | None = None, progress=None) -> SceneResult:
+    """Detect objects in one scene and write them to ``output`` (streamed, atomic).
+
+    Args:
+        path: the scene.
+        det: the detector.
+        cfg: options.
+        output: ``.geojson``, ``.gpkg`` or ``.shp`` path.
+        plan: the scene's plan, if already made.
+        progress: a tqdm bar to advance by tiles.
+
+    Raises:
+        InputError: see :func:`plan_scene`.
+        RunError: the scene fails to decode.
+    """
+    t_start = time.perf_counter()
+    plan = plan or plan_scene(path, det, cfg)
+    for w in plan.warnings:
+        log.warning("%s: %s", path, w)
+    info, grid = plan.info, plan.grid
+    res = SceneResult(scene=str(path), output=str(output), scale=plan.scale, overlap=plan.overlap)
+    cuda = det.device.type == "cuda"
+    bs = cfg.batch_size or (16 if cuda else 2)
+    workers = cfg.workers if cfg.workers is not None else min(4, max(1, (os.cpu_count() or 2) // 2))
+    batches = _batches(grid, bs)
+    dataset = _TileBatches(plan, batches, _fill_values(det, info.dtype))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                         pin_memory=cuda, prefetch_factor=4 if workers else None,
+                                         persistent_workers=False)
+    merger = SeamMerger(grid, iou_threshold=cfg.merge_iou, device=det.device)
+    preview = _PreviewCanvas(grid, info) if cfg.preview else None
+    sha = det.sha256
+    meta = {
+        "geonet_version": geonet.__version__, "model": det.path, "model_sha256": sha, "classes": det.classes,
+        "scene": str(path), "scene_crs": info.crs and (f"EPSG:{info.epsg}" if info.epsg else "custom"),
+        "scene_gsd_m": info.gsd_mean, "train_gsd_m": det.ckpt.get("gsd"), "resample_scale": plan.scale,
+        "tile_px": grid.tile, "overlap_px": plan.overlap, "score_thresh": float(det.model.score_thresh),
+        "model_nms_iou": float(det.model.nms_thresh), "merge_iou": cfg.merge_iou, "device": det.device.type,
+        "precision": det.precision, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    scene_name = Path(path).name
+
+    def to_features(d: Detections) -> FeatureBatch:
+        boxes = d.boxes * plan.scale  # detection frame -> scene pixels
+        if preview is not None:
+            preview.add_boxes(d.boxes)
+        polys = pixel_boxes_to_polygons(boxes, info.transform) if info.crs else \
+            pixel_boxes_to_polygons(boxes, _identity())
+        return FeatureBatch(geometries=polys, labels=[det.classes[int(k) - 1] for k in d.labels],
+                            class_ids=d.labels, scores=d.scores, scene=scene_name, model=det.model_id)
+
+    def stream() -> Iterator[FeatureBatch]:
+        for item in loader:
+            for (r, c) in item["skipped"]:
+                merger.add(r, c, [], [], [])
+            n = len(item["tiles"])
+            if n:
+                t0 = time.perf_counter()
+                outs = det(item["data"])
+                if cuda:
+                    torch.cuda.synchronize()
+                res.seconds_model += time.perf_counter() - t0
+                for (r, c), o in zip(item["tiles"], outs):
+                    merger.add(r, c, o["boxes"], o["scores"], o["labels"])
+                if preview is not None:
+                    preview.add_tiles(item["data"].numpy(), item["tiles"])
+            res.tiles += n
+            res.tiles_skipped += len(item["skipped"])
+            if progress is not None:
+                progress.update(n + len(item["skipped"]))
+            final = merger.pop_final()
+            if len(final):
+                res.detections += len(final)
+                yield to_features(final)
+        final = merger.finish()
+        res.detections += len(final)
+        if len(final):
+            yield to_features(final)
+
+    crs = None if info.crs is None else (f"EPSG:{info.epsg}" if info.epsg else info.crs)
+    write_features(output, stream(), crs=crs, metadata=meta, classes=det.classes, precision=cfg.coord_precision)
+    res.max_boxes_held = merger.max_held
+    if preview is not None:
+        res.preview = str(preview.save(cfg.preview))
+    res.seconds = time.perf_counter() - t_start
+    return res
+
+
+def _identity():
+    from affine import Affine
+
+    return Affine.identity()
+
+
+class _PreviewCanvas:
+    """A downsampled copy of the scene built from the tiles as they are read, with boxes drawn last."""
+
+    MAX_SIDE = 2048
+    MAX_BOXES = 1_000_000
+
+    def __init__(self, grid: TileGrid, info: RasterInfo):
+        self.grid = grid
+        self.step = max(1, math.ceil(max(grid.width, grid.height) / self.MAX_SIDE))
+        h, w = -(-grid.height // self.step), -(-grid.width // self.step)
+        nb = min(3, len(info.bands))
+        self.canvas = np.zeros((nb, h, w), dtype=np.float32)
+        self.valid = np.zeros((h, w), dtype=bool)
+        self.dtype = info.dtype
+        self.boxes: list[np.ndarray] = []
+        self.n_boxes = 0
+
+    def add_tiles(self, data: np.ndarray, tiles) -> None:
+        s, g = self.step, self.grid
+        for d, (r, c) in zip(data, tiles):
+            y0, x0 = g.ys[r], g.xs[c]
+            oy, ox = (-y0) % s, (-x0) % s  # first tile pixel on the canvas grid
+            sub = d[: self.canvas.shape[0], oy::s, ox::s].astype(np.float32)
+            cy, cx = (y0 + oy) // s, (x0 + ox) // s
+            hh = min(sub.shape[1], self.canvas.shape[1] - cy)
+            ww = min(sub.shape[2], self.canvas.shape[2] - cx)
+            if hh > 0 and ww > 0:
+                self.canvas[:, cy:cy + hh, cx:cx + ww] = sub[:, :hh, :ww]
+                self.valid[cy:cy + hh, cx:cx + ww] = True
+
+    def add_boxes(self, boxes: np.ndarray) -> None:
+        if self.n_boxes < self.MAX_BOXES:
+            self.boxes.append(np.asarray(boxes, dtype=np.float32) / self.step)
+            self.n_boxes += len(boxes)
+
+    def save(self, path) -> Path:
+        from geonet.preview import draw_boxes, save_png, to_display
+
+        data = self.canvas.astype(self.dtype) if self.dtype == "uint8" else self.canvas
+        rgb = to_display(data, self.valid)
+        boxes = np.concatenate(self.boxes) if self.boxes else np.zeros((0, 4))
+        rgb = draw_boxes(rgb, boxes, colour="yellow", width=1 if self.step > 1 else 2)
+        p = Path(path)
+        from geonet.atomic import atomic_file
+
+        with atomic_file(p) as tmp:
+            save_png(rgb, tmp)
+        return p
+
+
+@dataclass
+class DetectReport:
+    """What :func:`detect` did."""
+
+    scenes: list[SceneResult]
+    seconds: float
+    failed: int
+    skipped_done: int
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+
+def resolve_outputs(scenes: Sequence[str], output: str | os.PathLike[str], fmt: str) -> tuple[list[Path], list[Path]]:
+    """Scene paths and their output paths.
+
+    One scene and an output with a known extension: that file. Several scenes, or an output that
+    is an existing folder (or ends with a slash): ``<folder>/<scene stem>.<fmt>``.
+
+    Raises:
+        InputError: missing scene, unknown extension, output folder that does not exist, several
+            scenes with one output file, two scenes with the same stem.
+    """
+    paths = find_rasters(scenes, option="SCENE")
+    out = Path(output)
+    as_dir = len(paths) > 1 or out.is_dir() or str(output).endswith(os.sep)
+    if not as_dir:
+        output_format(out)
+        return paths, [out]
+    if out.suffix.lower() in (".geojson", ".gpkg", ".shp", ".json") and not out.is_dir():
+        raise InputError(f"-o {out}: {len(paths)} scenes need an output folder, not a file.",
+                         fix="pass -o OUTDIR/ (an existing folder).")
+    if not out.is_dir():
+        raise InputError(f"-o {out}: the output folder does not exist.", fix=f"create it first (mkdir -p {out}).")
+    ext = {"geojson": ".geojson", "gpkg": ".gpkg", "shp": ".shp"}.get(fmt)
+    if ext is None:
+        raise InputError(f"--format {fmt!r}: choose geojson, gpkg or shp.")
+    outs = [out / (p.stem + ext) for p in paths]
+    stems = [o.name for o in outs]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise InputError(f"several scenes would write the same output {dup[0]}.", fix="give scenes distinct names.")
+    return paths, outs
+
+
+def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectConfig, *, show_progress: bool = True
+           ) -> DetectReport:
+    """Detect objects in one or many scenes.
+
+    A scene that fails (corrupt file, wrong bands...) is reported and skipped when there are
+    several; the others are still processed and ``report.failed`` counts the failures. With one
+    scene the error is raised. ``cfg.resume`` skips scenes whose output already exists (outputs are
+    written atomically, so an existing one is complete).
+
+    Raises:
+        InputError: bad options, model, outputs or (single) scene.
+        RunError: the (single) scene fails while being read.
+    """
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    paths, outs = resolve_outputs(scenes, output, cfg.format)
+    det = Detector(cfg.model, device=cfg.device, precision=cfg.amp, score_thresh=cfg.score_thresh)
+    todo, done_before, results = [], 0, []
+    plans: dict[int, ScenePlan | GeonetError] = {}
+    for i, (p, o) in enumerate(zip(paths, outs)):
+        if cfg.resume and o.exists():
+            done_before += 1
+            continue
+        try:
+            plans[i] = plan_scene(p, det, cfg)
+        except GeonetError as exc:
+            if len(paths) == 1:
+                raise
+            plans[i] = exc
+        todo.append(i)
+    total = sum(pl.grid.n_tiles for pl in plans.values() if isinstance(pl, ScenePlan))
+    bar = tqdm(total=total, unit="tile", disable=not show_progress, dynamic_ncols=True, leave=True,
+               desc=f"{len(todo)} scene(s)")
+    failed = 0
+    for i in todo:
+        p, o, pl = paths[i], outs[i], plans[i]
+        if isinstance(pl, GeonetError):
+            log.error("%s", pl)
+            results.append(SceneResult(scene=str(p), output=str(o), error=str(pl)))
+            failed += 1
+            continue
+        bar.set_postfix_str(p.name)
+        cfg_i = cfg
+        if cfg.preview and len(paths) > 1:
+            cfg_i = DetectConfig(**{**asdict(cfg), "preview": str(o.with_suffix(".png"))})
+        try:
+            results.append(detect_scene(p, det, cfg_i, o, plan=pl, progress=bar))
+        except GeonetError as exc:
+            if len(paths) == 1:
+                bar.close()
+                raise
+            log.error("%s", exc)
+            results.append(SceneResult(scene=str(p), output=str(o), error=str(exc)))
+            failed += 1
+    bar.close()
+    return DetectReport(scenes=results, seconds=time.perf_counter() - t0, failed=failed, skipped_done=done_before)
+

@@ -1,0 +1,296 @@
+"""Detection end to end: tiling, nodata, GSD resampling, seam merge, outputs, faults.
+
+Most tests use an *oracle* detector on a synthetic 16-bit scene whose objects carry unique pixel
+values: for each tile it returns the visible part of each object, exactly what a perfect detector
+sees. So the whole pipeline -- reading, tiling, merging, georeferencing, writing -- is checked
+against known ground truth, without training a model.
+"""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+import torch
+from affine import Affine
+from click.testing import CliRunner
+
+from geonet.checkpoint import save_checkpoint
+from geonet.cli.main import cli
+from geonet.detect import DetectConfig, Detector, detect, detect_scene, plan_scene
+from geonet.georef import geometries_to_pixel, pixel_boxes_to_polygons
+from geonet.merge import TileGrid
+from geonet.model import ModelConfig, build_model
+from seams import count_errors, seam_objects
+
+BASE = 1000  # object k has pixel value BASE + 100 * k
+
+
+def make_ckpt(path, *, bands=1, dtype="uint16", gsd=0.1, chip=128, max_box=40, classes=("thing",)):
+    cfg = ModelConfig(backbone="resnet18", num_classes=len(classes), in_channels=bands, mean=[100.0] * bands,
+                      std=[50.0] * bands, anchor_sizes=(16, 32, 64, 128, 256))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    meta = {"classes": list(classes), "bands": list(range(1, bands + 1)), "dtype": dtype, "nodata": None,
+            "gsd": [gsd, gsd], "chip_size": chip,
+            "box_stats": {"width": [5, 8, 20, 35, max_box], "height": [5, 8, 20, 35, max_box],
+                          "side": [5, 8, 20, 35, max_box]},
+            "train_config": {}, "metrics": {}, "epoch": 0}
+    save_checkpoint(path, model, cfg, meta)
+    return path
+
+
+class Oracle(Detector):
+    """Returns the visible part of every object in each tile (values BASE + 100 k)."""
+
+    calls = 0
+
+    def __call__(self, batch):
+        Oracle.calls += len(batch)
+        out = []
+        for tile in batch.numpy().astype(np.int64):
+            img = tile[0]
+            ids = np.unique(img[img >= BASE - 50])
+            ids = np.unique(np.round((ids - BASE) / 100).astype(int))
+            boxes = []
+            for k in ids:
+                ys, xs = np.nonzero(np.abs(img - (BASE + 100 * k)) < 20)
+                if len(xs):
+                    boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            out.append({"boxes": b, "scores": torch.full((len(b),), 0.9), "labels": torch.ones(len(b), dtype=torch.int64)})
+        return out
+
+
+def oracle(ckpt):
+    return Oracle(ckpt)
+
+
+def scene(tmp, objects, width, height, *, transform=None, crs="EPSG:32618", nodata=None, nodata_rect=None,
+          name="scene.tif"):
+    rng = np.random.default_rng(0)
+    img = rng.integers(50, 150, size=(1, height, width)).astype(np.uint16)
+    for k, (x1, y1, x2, y2) in enumerate(np.round(objects).astype(int)):
+        img[0, y1:y2, x1:x2] = BASE + 100 * k
+    if nodata_rect is not None:
+        x1, y1, x2, y2 = nodata_rect
+        img[0, y1:y2, x1:x2] = nodata
+    t = transform or Affine(0.1, 0, 500000, 0, -0.1, 4500000)
+    p = tmp / name
+    with rasterio.open(p, "w", driver="GTiff", width=width, height=height, count=1, dtype="uint16", crs=crs,
+                       transform=t, nodata=nodata, tiled=True, blockxsize=64, blockysize=64) as dst:
+        dst.write(img)
+    return p
+
+
+def read_pixel_boxes(out, scene_path):
+    g = gpd.read_file(out)
+    with rasterio.open(scene_path) as src:
+        geoms = g.to_crs(src.crs).geometry.values
+        return shapely.bounds(geometries_to_pixel(geoms, src.transform)), g
+
+
+@pytest.mark.parametrize("overlap", [48, 64, 96])
+def test_oracle_scene_seams_end_to_end(tmp_path, overlap):
+    ck = make_ckpt(tmp_path / "m.pt")
+    det = oracle(ck)
+    grid = TileGrid.build(700, 560, 128, overlap)
+    objects = np.round(seam_objects(grid, np.random.default_rng(overlap), size=(8, min(40, overlap - 6))))
+    p = scene(tmp_path, objects, 700, 560)
+    cfg = DetectConfig(model=str(ck), overlap=overlap, workers=0, batch_size=3)
+    res = detect_scene(p, det, cfg, tmp_path / "out.geojson")
+    boxes, g = read_pixel_boxes(tmp_path / "out.geojson", p)
+    # RFC 7946 precision 7 (1e-7 deg ~ 1 cm = 0.1 px here)
+    assert count_errors(objects, boxes, tol=0.25) == (0, 0, 0)
+    assert len(g) == len(objects) == res.detections
+    assert set(g.columns) >= {"label", "class_id", "score", "scene", "model"}
+    assert (g["label"] == "thing").all() and (g["scene"] == "scene.tif").all()
+
+
+def test_rotated_scene_native_gpkg_exact(tmp_path):
+    ck = make_ckpt(tmp_path / "m.pt")
+    t = Affine(0.08, 0.03, 500000.0, 0.02, -0.12, 4500000.0)
+    objects = np.array([[10.0, 10, 30, 40], [100, 60, 130, 90], [200, 150, 230, 180]])
+    p = scene(tmp_path, objects, 260, 220, transform=t)
+    rep = detect_scene(p, oracle(ck), DetectConfig(model=str(ck), workers=0, overlap=40), tmp_path / "o.gpkg")
+    g = gpd.read_file(tmp_path / "o.gpkg", layer="o")
+    assert g.crs.to_epsg() == 32618
+    want = pixel_boxes_to_polygons(objects, t)
+    got = sorted(g.geometry.values, key=lambda q: q.centroid.x)
+    for a, b in zip(got, sorted(want, key=lambda q: q.centroid.x)):
+        assert shapely.equals_exact(shapely.normalize(a), shapely.normalize(b), tolerance=1e-6)
+    assert rep.detections == 3
+    con = sqlite3.connect(tmp_path / "o.gpkg")
+    style = con.execute("SELECT styleQML, useAsDefault, f_table_name FROM layer_styles").fetchone()
+    meta = con.execute("SELECT metadata FROM gpkg_metadata").fetchall()
+    con.close()
+    assert "graduatedSymbol" in style[0] and style[1] == 1 and style[2] == "o"
+    assert any("model_sha256" in m[0] for m in meta)
+    assert (tmp_path / "o.qml").exists()
+
+
+def test_nodata_tiles_are_not_run(tmp_path):
+    ck = make_ckpt(tmp_path / "m.pt")
+    objects = np.array([[10.0, 10, 30, 30]])
+    p = scene(tmp_path, objects, 512, 256, nodata=0, nodata_rect=(200, 0, 512, 256))
+    Oracle.calls = 0
+    res = detect_scene(p, oracle(ck), DetectConfig(model=str(ck), workers=0, overlap=32), tmp_path / "o.geojson")
+    assert res.tiles_skipped >= 2 and Oracle.calls == res.tiles
+    assert res.tiles + res.tiles_skipped == plan_scene(p, oracle(ck), DetectConfig(model=str(ck), overlap=32)).grid.n_tiles
+
+
+def test_gsd_resampling(tmp_path):
+    ck = make_ckpt(tmp_path / "m.pt", gsd=0.2)  # trained at 0.2 m, scene at 0.1 m: tiles read at half size
+    objects = np.array([[20.0, 20, 80, 60], [300, 200, 360, 260], [500, 100, 560, 170]])
+    p = scene(tmp_path, objects, 640, 400)
+    det = oracle(ck)
+    plan = plan_scene(p, det, DetectConfig(model=str(ck)))
+    # geodesic GSD of a UTM scene is 0.10004 m (scale factor), so the frame is 320-321 px wide
+    assert plan.scale == pytest.approx(2.0, rel=1e-3) and plan.grid.width in (320, 321)
+    detect_scene(p, det, DetectConfig(model=str(ck), workers=0), tmp_path / "o.geojson")
+    boxes, _ = read_pixel_boxes(tmp_path / "o.geojson", p)
+    assert count_errors(objects, boxes, tol=2.5) == (0, 0, 0)  # 1 px at the model's GSD
+    plan2 = plan_scene(p, det, DetectConfig(model=str(ck), resample=False))
+    assert plan2.scale == 1.0 and any("--no-resample" in w for w in plan2.warnings)
+
+
+def test_streaming_memory_is_bounded(tmp_path):
+    ck = make_ckpt(tmp_path / "m.pt")
+    grid = TileGrid.build(400, 6000, 128, 48)
+    objects = np.round(seam_objects(grid, np.random.default_rng(3), size=(8, 30), per_seam=2))
+    p = scene(tmp_path, objects, 400, 6000)
+    res = detect_scene(p, oracle(ck), DetectConfig(model=str(ck), workers=0, overlap=48), tmp_path / "o.geojson")
+    assert res.detections == len(objects)
+    assert res.max_boxes_held < len(objects) / 3  # a few tile rows, not the scene
+
+
+def test_empty_output_is_valid(tmp_path):
+    ck = make_ckpt(tmp_path / "m.pt")
+    p = scene(tmp_path, np.zeros((0, 4)), 200, 200)
+    for ext in (".geojson", ".gpkg", ".shp"):
+        detect_scene(p, oracle(ck), DetectConfig(model=str(ck), workers=0), tmp_path / f"e{ext}")
+        g = gpd.read_file(tmp_path / f"e{ext}", layer="e")
+        assert len(g) == 0
+    fc = json.loads((tmp_path / "e.geojson").read_text())
+    assert fc["type"] == "FeatureCollection" and fc["features"] == [] and "geonet" in fc
+
+
+def test_crash_leaves_no_partial_file(tmp_path, monkeypatch):
+    ck = make_ckpt(tmp_path / "m.pt")
+    p = scene(tmp_path, np.array([[10.0, 10, 30, 30]]), 600, 600)
+    det = oracle(ck)
+    calls = {"n": 0}
+
+    def boom(batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return Oracle.__call__(det, batch)
+
+    monkeypatch.setattr(det, "__call__", boom)
+    det.__class__ = type("Boom", (Oracle,), {"__call__": lambda self, b: boom(b)})
+    with pytest.raises(KeyboardInterrupt):
+        detect_scene(p, det, DetectConfig(model=str(ck), workers=0, batch_size=1), tmp_path / "o.geojson")
+    assert not (tmp_path / "o.geojson").exists()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".o.tmp")]
+
+
+def test_preview_and_metadata(tmp_path):
+    ck = make_ckpt(tmp_path / "m.pt")
+    p = scene(tmp_path, np.array([[10.0, 10, 30, 30]]), 300, 300)
+    res = detect_scene(p, oracle(ck), DetectConfig(model=str(ck), workers=0, preview=str(tmp_path / "p.png")),
+                       tmp_path / "o.geojson")
+    assert Path(res.preview).exists()
+    fc = json.loads((tmp_path / "o.geojson").read_text())
+    meta = fc["geonet"]
+    for k in ("geonet_version", "model_sha256", "tile_px", "overlap_px", "score_thresh", "merge_iou"):
+        assert k in meta
+    assert meta["overlap_px"] == 40  # the largest training box
+
+
+# ---------------------------------------------------------------- command line and bad input
+
+
+def _cli(*args):
+    return CliRunner().invoke(cli, ["detect", "--no-progress", "--workers", "0", *map(str, args)])
+
+
+def test_cli_multi_scene_resume_and_corrupt(tmp_path):
+    ck = make_ckpt(tmp_path / "m.pt")
+    a = scene(tmp_path, np.array([[10.0, 10, 30, 30]]), 200, 200, name="a.tif")
+    b = scene(tmp_path, np.array([[10.0, 10, 30, 30]]), 200, 200, name="b.tif")
+    bad = tmp_path / "c.tif"
+    bad.write_bytes(a.read_bytes()[: len(a.read_bytes()) // 3])
+    out = tmp_path / "out"
+    out.mkdir()
+    res = _cli(a, b, bad, "-m", ck, "-o", out)
+    assert res.exit_code == 1, res.output
+    assert (out / "a.geojson").exists() and (out / "b.geojson").exists() and not (out / "c.geojson").exists()
+    assert "c.tif" in res.output and "Traceback" not in res.output
+    mtime = (out / "a.geojson").stat().st_mtime_ns
+    res = _cli(a, b, "-m", ck, "-o", out, "--resume")
+    assert res.exit_code == 0 and "already done" in res.output
+    assert (out / "a.geojson").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("case", ["no-crs", "bands", "dtype", "ext", "outdir", "not-ckpt", "overlap"])
+def test_cli_bad_input(tmp_path, case):
+    ck = make_ckpt(tmp_path / "m.pt")
+    s = scene(tmp_path, np.array([[10.0, 10, 30, 30]]), 200, 200)
+    args = [s, "-m", ck, "-o", tmp_path / "o.geojson"]
+    if case == "no-crs":
+        s = scene(tmp_path, np.zeros((0, 4)), 100, 100, crs=None, name="nocrs.tif")
+        args = [s, "-m", ck, "-o", tmp_path / "o.geojson"]
+        needle = "--allow-no-crs"
+    elif case == "bands":
+        args[2] = make_ckpt(tmp_path / "m3.pt", bands=3, dtype="uint16")
+        needle = "band"
+    elif case == "dtype":
+        args[2] = make_ckpt(tmp_path / "m8.pt", dtype="uint8")
+        needle = "dtype"
+    elif case == "ext":
+        args[4] = tmp_path / "o.csv"
+        needle = "unknown output extension"
+    elif case == "outdir":
+        args[4] = tmp_path / "nope" / "o.geojson"
+        needle = "does not exist"
+    elif case == "not-ckpt":
+        junk = tmp_path / "junk.pt"
+        torch.save({"weights": torch.zeros(2)}, junk)
+        args[2] = junk
+        needle = "not a geonet checkpoint"
+    else:
+        args += ["--overlap", "500"]
+        needle = "--overlap"
+    res = _cli(*args)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "o.geojson").exists()
+
+
+def test_allow_no_crs_writes_pixels(tmp_path):
+    ck = make_ckpt(tmp_path / "m.pt")
+    s = scene(tmp_path, np.array([[10.0, 20, 30, 50]]), 100, 100, crs=None, name="nocrs.tif")
+    det = oracle(ck)
+    detect_scene(s, det, DetectConfig(model=str(ck), workers=0, allow_no_crs=True), tmp_path / "o.gpkg")
+    g = gpd.read_file(tmp_path / "o.gpkg", layer="o")
+    assert g.crs is None
+    np.testing.assert_allclose(g.total_bounds, [10, 20, 30, 50])
+
+
+def test_real_model_cli_runs(tmp_path):
+    """A (random) real model through the CLI, with reader workers, GeoJSON + preview."""
+    ck = make_ckpt(tmp_path / "m.pt")
+    s = scene(tmp_path, np.array([[10.0, 10, 30, 30]]), 300, 300)
+    res = CliRunner().invoke(cli, ["detect", str(s), "-m", str(ck), "-o", str(tmp_path / "o.geojson"), "--no-progress",
+                                   "--workers", "2", "--preview", str(tmp_path / "p.png"), "--score-thresh", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "p.png").exists() and (tmp_path / "o.qml").exists()
