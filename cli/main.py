@@ -85,9 +85,9 @@ def cli(verbose: int, quiet: int) -> None:
 
 
 def _register() -> None:
-    from geonet.cli import anchors, check, chip, detect, train
+    from geonet.cli import anchors, check, chip, detect, evaluate, train
 
-    for mod in (check, chip, anchors, train, detect):
+    for mod in (check, chip, anchors, train, detect, evaluate):
         cli.add_command(mod.command)
 
 

@@ -1,0 +1,598 @@
+"""Evaluation: COCO-style AP in map space against vector ground truth (``geonet evaluate``).
+
+Predictions (any vector file geonet writes, or any OGR file with a score field) and ground truth
+(any OGR file, any CRS) are reprojected to one metric CRS -- the local UTM zone of the truth, unless
+``crs`` says otherwise -- and compared as their envelopes (axis-aligned boxes in metres) there.
+
+* **AOI.** Only ground truth whose centre lies inside the area of interest counts, and only
+  predictions whose centre lies inside it are scored. Default AOI: the footprint of the imagery the
+  predictions came from (read from the prediction file's geonet metadata), else the truth's extent.
+* **Metrics** come from pycocotools' ``COCOeval`` (:func:`geonet.metrics.coco_metrics`): AP@[.5:.95],
+  AP50, AP75, AR@100, per class, and AP per size bin in square metres (default small < 10 m²,
+  medium < 100 m², large). COCOeval's matching loops over detections x truths in Python, so the
+  scene is split into independent "images": connected groups of boxes (a prediction and a truth are
+  linked when they intersect) packed into images of at most 100 predictions. Boxes in different
+  images never overlap, so no match is lost and AP is the same as for one image holding everything;
+  AR@100 is then the recall over all predictions.
+* **Operating point.** At one IoU (``iou``, default 0.5; DeepForest's NEON benchmark uses 0.4) and one
+  score threshold (default: the score that maximises F1), precision, recall, F1 and the TP/FP/FN
+  counts, from COCOeval's own greedy matching.
+
+Outputs in ``out_dir``: ``report.json``, ``report.md``, ``pr_<class>.png`` (precision-recall curve
+per class at ``iou``) and ``inspection.gpkg`` with layers ``tp``, ``fp`` and ``fn`` (in the metric CRS)
+to inspect in QGIS.
+
+A COCO pair (ground truth ``annotations.json`` of chips + a COCO results list of detections) is
+evaluated in pixel space with the same code (:func:`evaluate_coco`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import shapely
+from pyproj import CRS
+
+from geonet.atomic import atomic_dir, check_output_dir
+from geonet.errors import InputError
+from geonet.georef import to_crs, utm_crs_for
+from geonet.labels import read_labels
+from geonet.metrics import coco_metrics
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalConfig", "evaluate", "evaluate_coco", "ClassMismatch", "operating_point", "group_images"]
+
+IMAGE_MAX_PREDICTIONS = 100
+
+
+class ClassMismatch(InputError):
+    """Prediction and truth class names do not match; ``table`` lists both sides."""
+
+    def __init__(self, message, *, table: str, **kw):
+        super().__init__(message, **kw)
+        self.table = table
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``geonet evaluate``."""
+
+    iou: float = 0.5
+    score_thresh: float | None = None
+    area_bins: tuple[float, float] = (10.0, 100.0)
+    crs: str | None = None
+    class_field: str | None = None
+    layer: str | None = None
+    score_field: str = "score"
+    pred_class_field: str = "label"
+    class_map: dict[str, str] = field(default_factory=dict)
+    aoi: str | None = None
+
+    def validate(self) -> None:
+        if not 0 < self.iou < 1:
+            raise InputError(f"--iou must be in (0, 1), got {self.iou}.")
+        lo, hi = self.area_bins
+        if not 0 < lo < hi:
+            raise InputError(f"--area-bins {lo},{hi}: need 0 < small < medium (square metres).")
+        if self.score_thresh is not None and not 0 <= self.score_thresh <= 1:
+            raise InputError(f"--score-thresh must be in [0, 1], got {self.score_thresh}.")
+
+
+def parse_class_map(items: Sequence[str]) -> dict[str, str]:
+    """``["pool=swimming pool", ...]`` -> ``{"pool": "swimming pool"}`` (prediction name -> truth name)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--class-map {item!r}: use PREDICTED=TRUTH, e.g. --class-map Tree=trees.")
+        a, b = item.split("=", 1)
+        out[a.strip()] = b.strip()
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class _Layer:
+    boxes: np.ndarray  # [N, 4] xmin, ymin, xmax, ymax in the metric CRS
+    names: np.ndarray  # [N] class names
+    scores: np.ndarray  # [N] (1 for truth)
+    geoms: np.ndarray  # [N] original geometries in the metric CRS
+    source: np.ndarray  # [N] file of each feature
+
+
+def _read_predictions(paths: Sequence[str], cfg: EvalConfig, metric) -> tuple[_Layer, list]:
+    boxes, names, scores, geoms, src, footprints = [], [], [], [], [], []
+    for p in paths:
+        if not Path(p).exists():
+            raise InputError("no such predictions file.", path=p, fix="check the path.")
+        try:
+            info = pyogrio.read_info(p)
+        except Exception as exc:
+            raise InputError(f"is not a vector file OGR can read ({' '.join(str(exc).split())[:120]}).", path=p,
+                             fix="pass the output of `geonet detect` or another OGR file with a score field.") from None
+        fields = [str(f) for f in info["fields"]]
+        if cfg.score_field not in fields:
+            raise InputError(f"has no score field {cfg.score_field!r} (fields: {', '.join(fields) or 'none'}).",
+                             path=p, fix="pass --score-field with the field that holds detection scores.")
+        if info["crs"] is None:
+            raise InputError("the predictions have no CRS.", path=p, fix="assign one with ogr2ogr -a_srs.")
+        cols = [cfg.score_field] + ([cfg.pred_class_field] if cfg.pred_class_field in fields else [])
+        df = pyogrio.read_dataframe(p, columns=cols)
+        g = to_crs(np.asarray(df.geometry.values, dtype=object), info["crs"], metric)
+        ok = ~(shapely.is_missing(g) | shapely.is_empty(g))
+        boxes.append(shapely.bounds(g[ok]))
+        names.append(df[cfg.pred_class_field].astype(str).to_numpy()[ok] if cfg.pred_class_field in fields
+                     else np.full(int(ok.sum()), "object", dtype=object))
+        scores.append(df[cfg.score_field].astype(float).to_numpy()[ok])
+        geoms.append(g[ok])
+        src.append(np.full(int(ok.sum()), str(p), dtype=object))
+        footprints.extend(_scene_footprints(p, info, metric))
+    layer = _Layer(np.concatenate(boxes).reshape(-1, 4), np.concatenate(names), np.concatenate(scores),
+                   np.concatenate(geoms), np.concatenate(src))
+    return layer, footprints
+
+
+def _scene_footprints(path, info, metric) -> list:
+    """Footprint of the scene a geonet output came from (its metadata), if that raster is readable."""
+    meta = None
+    if str(path).lower().endswith((".geojson", ".json")):
+        try:
+            with open(path) as f:
+                head = f.read(1 << 16)
+            start = head.find('"geonet"')
+            if start >= 0:
+                obj, _ = json.JSONDecoder().raw_decode(head[head.index("{", start):])
+                meta = obj
+        except (OSError, ValueError):
+            meta = None
+    else:
+        lm = info.get("layer_metadata") or {}
+        if "geonet" in lm:
+            try:
+                meta = json.loads(lm["geonet"])
+            except ValueError:
+                meta = None
+    if not meta or not meta.get("scene"):
+        return []
+    try:
+        from geonet.raster import describe_raster
+
+        r = describe_raster(meta["scene"])
+    except Exception:
+        return []
+    if r.crs is None:
+        return []
+    return list(to_crs(np.array([r.footprint()], dtype=object), r.crs, metric))
+
+
+def _metric_crs(cfg: EvalConfig, truth_geoms, truth_crs) -> CRS:
+    if cfg.crs:
+        try:
+            crs = CRS.from_user_input(cfg.crs)
+        except Exception:
+            raise InputError(f"--crs {cfg.crs!r} is not a CRS pyproj knows.", fix="e.g. --crs EPSG:32618.") from None
+        if not crs.is_projected:
+            raise InputError(f"--crs {cfg.crs}: evaluation needs a projected CRS in metres.", fix="e.g. a UTM zone.")
+        return crs
+    ll = to_crs(np.array([shapely.envelope(shapely.union_all(shapely.envelope(truth_geoms)))], object), truth_crs,
+                "EPSG:4326")[0]
+    c = ll.centroid
+    return utm_crs_for(c.x, c.y)
+
+
+# ----------------------------------------------------------------------------- grouping into images
+
+
+def group_images(pred_boxes: np.ndarray, truth_boxes: np.ndarray, *, max_predictions: int = IMAGE_MAX_PREDICTIONS
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Assign boxes to COCO "images" so that no two intersecting boxes are in different images.
+
+    Connected components of the intersection graph (prediction-truth and prediction-prediction
+    edges) are packed, in order of their x position, into images of at most ``max_predictions``
+    predictions (a larger component is one image on its own).
+
+    Returns:
+        ``(pred_image_ids, truth_image_ids)``: int arrays, ids from 1.
+    """
+    n_p, n_t = len(pred_boxes), len(truth_boxes)
+    allb = np.concatenate([pred_boxes, truth_boxes]).reshape(-1, 4)
+    parent = np.arange(len(allb))
+
+    def find(i):
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:
+            parent[i], i = root, parent[i]
+        return root
+
+    if len(allb):
+        tree = shapely.STRtree(shapely.box(*allb.T))
+        a, b = tree.query(shapely.box(*allb[:n_p].T) if n_p else np.array([], object), predicate="intersects")
+        for i, j in zip(a.tolist(), b.tolist()):
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                parent[ri] = rj
+    roots = np.array([find(i) for i in range(len(allb))], dtype=np.int64)
+    comps: dict[int, list[int]] = {}
+    for i, r in enumerate(roots.tolist()):
+        comps.setdefault(r, []).append(i)
+    order = sorted(comps.values(), key=lambda m: (allb[m, 0].min(), allb[m, 1].min()))
+    image = np.zeros(len(allb), dtype=np.int64)
+    current, count = 1, 0
+    for members in order:
+        npred = sum(1 for m in members if m < n_p)
+        if count and count + npred > max_predictions:
+            current, count = current + 1, 0
+        image[members] = current
+        count += npred
+    return image[:n_p], image[n_p:]
+
+
+# ----------------------------------------------------------------------------- operating point
+
+
+def operating_point(ev, iou: float, *, score_thresh: float | None = None, cat_ids=None) -> dict:
+    """Precision/recall/F1 and TP/FP/FN at one IoU from a COCOeval run whose ``iouThrs`` include ``iou``.
+
+    COCOeval matches greedily by descending score, so the matches of the detections above a score
+    threshold are the same as if only those detections existed: one pass gives the whole
+    precision-recall curve. The area range is "all" and the detection limit the last ``maxDets``.
+
+    Returns:
+        ``{"iou", "score_thresh", "precision", "recall", "f1", "tp", "fp", "fn", "curve": {...}}``;
+        ``score_thresh`` is the given one or the score that maximises F1.
+    """
+    p = ev.params
+    t = int(np.flatnonzero(np.isclose(p.iouThrs, iou))[0])
+    scores, tps, n_gt = [], [], 0
+    cats = cat_ids if cat_ids is not None else p.catIds
+    for e in ev.evalImgs:
+        if e is None or e["aRng"] != p.areaRng[0] or e["maxDet"] != p.maxDets[-1] or e["category_id"] not in cats:
+            continue
+        dt_ig = np.asarray(e["dtIgnore"])[t] if len(e["dtIds"]) else np.zeros(0, bool)
+        dt_m = np.asarray(e["dtMatches"])[t] if len(e["dtIds"]) else np.zeros(0)
+        keep = ~dt_ig.astype(bool)
+        scores.extend(np.asarray(e["dtScores"])[keep].tolist())
+        tps.extend((dt_m[keep] > 0).tolist())
+        n_gt += int((~np.asarray(e["gtIgnore"]).astype(bool)).sum())
+    scores = np.asarray(scores, dtype=float)
+    tps = np.asarray(tps, dtype=bool)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, tps = scores[order], tps[order]
+    ctp = np.cumsum(tps)
+    cfp = np.cumsum(~tps)
+    prec = ctp / np.maximum(ctp + cfp, 1)
+    rec = ctp / max(n_gt, 1)
+    f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)
+    if score_thresh is None:
+        if len(scores):
+            # only the last detection of a run of equal scores is a valid cut
+            valid = np.r_[scores[1:] != scores[:-1], True]
+            k = int(np.argmax(np.where(valid, f1, -1)))
+            thr = float(scores[k])
+        else:
+            thr = 1.0
+    else:
+        thr = float(score_thresh)
+    n_kept = int((scores >= thr).sum())
+    tp = int(ctp[n_kept - 1]) if n_kept else 0
+    fp = int(cfp[n_kept - 1]) if n_kept else 0
+    fn = n_gt - tp
+    P = tp / (tp + fp) if tp + fp else 0.0
+    R = tp / n_gt if n_gt else 0.0
+    F = 2 * P * R / (P + R) if P + R else 0.0
+    return {"iou": iou, "score_thresh": thr, "chosen": "max F1" if score_thresh is None else "given", "precision": P, "recall": R, "f1": F, "tp": tp, "fp": fp, "fn": fn,
+            "n_truth": n_gt, "curve": {"precision": prec.tolist(), "recall": rec.tolist(), "score": scores.tolist()}}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalReport:
+    """Result of :func:`evaluate` (also written as ``report.json``)."""
+
+    metrics: dict
+    operating: dict
+    per_class_operating: dict
+    crs: str
+    n_predictions: int
+    n_truth: int
+    aoi: str
+    seconds: float
+    out_dir: str | None = None
+    class_map: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        m = {k: v for k, v in self.metrics.items() if k not in ("precision", "_eval")}
+        op = {k: v for k, v in self.operating.items() if k != "curve"}
+        pco = {c: {k: v for k, v in o.items() if k != "curve"} for c, o in self.per_class_operating.items()}
+        return {"metrics": m, "operating_point": op, "per_class_operating_point": pco, "crs": self.crs,
+                "n_predictions": self.n_predictions, "n_truth": self.n_truth, "aoi": self.aoi,
+                "seconds": self.seconds, "class_map": self.class_map}
+
+
+def _reconcile_classes(pred_names: np.ndarray, truth_classes: list[str], cfg: EvalConfig) -> tuple[np.ndarray, dict]:
+    mapping = dict(cfg.class_map)
+    names = np.array([mapping.get(n, n) for n in pred_names.tolist()], dtype=object)
+    pset = sorted(set(names.tolist()))
+    if len(truth_classes) == 1 and len(pset) == 1 and pset[0] != truth_classes[0] and not cfg.class_map:
+        log.info("one predicted class (%s) and one truth class (%s): matched", pset[0], truth_classes[0])
+        mapping[pset[0]] = truth_classes[0]
+        names = np.full(len(names), truth_classes[0], dtype=object)
+        pset = [truth_classes[0]]
+    unknown = [n for n in pset if n not in truth_classes]
+    if unknown:
+        width = max([len(x) for x in pset + truth_classes] + [9])
+        rows = [f"  {'predicted':<{width}}  {'truth':<{width}}"]
+        for k in range(max(len(pset), len(truth_classes))):
+            a = pset[k] if k < len(pset) else ""
+            b = truth_classes[k] if k < len(truth_classes) else ""
+            rows.append(f"  {a:<{width}}  {b:<{width}}")
+        table = "\n".join(rows)
+        raise ClassMismatch(f"predicted classes {unknown} are not truth classes {truth_classes}.", table=table,
+                            fix=f"map them, e.g. --class-map '{unknown[0]}={truth_classes[0]}' (repeat per class), "
+                                "or pass --class-field for the truth.")
+    return names, mapping
+
+
+def _extent_ll(boxes: np.ndarray, crs) -> str:
+    if len(boxes) == 0:
+        return "empty"
+    env = shapely.box(boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max())
+    b = shapely.bounds(to_crs(np.array([env], object), crs, "EPSG:4326")[0])
+    return f"lon {b[0]:.5f}..{b[2]:.5f}, lat {b[1]:.5f}..{b[3]:.5f}"
+
+
+def evaluate(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_dir: str | os.PathLike[str] | None = None,
+             *, overwrite: bool = False) -> EvalReport:
+    """Evaluate prediction files against a truth layer in map space (module docstring).
+
+    Raises:
+        InputError: unreadable inputs, no score field, no overlap between predictions and truth
+            (the message gives both extents), class names that do not match (:class:`ClassMismatch`).
+    """
+    cfg.validate()
+    t0 = time.perf_counter()
+    if out_dir is not None:
+        check_output_dir(out_dir, overwrite=overwrite)
+    labels = read_labels(truth, layer=cfg.layer, class_field=cfg.class_field)
+    metric = _metric_crs(cfg, labels.geometries, labels.crs)
+    tg = to_crs(labels.geometries, labels.crs, metric)
+    tboxes = shapely.bounds(tg)
+    tnames = np.array([labels.classes[i - 1] for i in labels.class_ids], dtype=object)
+    preds, footprints = _read_predictions(predictions, cfg, metric)
+    pnames, mapping = _reconcile_classes(preds.names, labels.classes, cfg)
+    # AOI
+    if cfg.aoi:
+        aoi_l = read_labels(cfg.aoi)
+        aoi = shapely.union_all(to_crs(aoi_l.geometries, aoi_l.crs, metric))
+        aoi_desc = f"--aoi {cfg.aoi}"
+    elif footprints:
+        aoi = shapely.union_all(np.array(footprints, dtype=object))
+        aoi_desc = "footprint of the imagery the predictions came from"
+    else:
+        aoi = shapely.box(tboxes[:, 0].min(), tboxes[:, 1].min(), tboxes[:, 2].max(), tboxes[:, 3].max())
+        aoi_desc = "extent of the truth"
+    shapely.prepare(aoi)
+
+    def inside(b):
+        if len(b) == 0:
+            return np.zeros(0, bool)
+        return shapely.contains_xy(aoi, (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
+
+    tin, pin = inside(tboxes), inside(preds.boxes)
+    t_box = shapely.box(*tboxes[tin].T) if tin.any() else np.array([], object)
+    if not pin.any() or not tin.any() or not shapely.intersects(
+            shapely.union_all(shapely.box(*preds.boxes[pin].T)), shapely.union_all(t_box)).any():
+        raise InputError(
+            f"the predictions and the truth do not overlap: predictions {_extent_ll(preds.boxes, metric)}, truth "
+            f"{_extent_ll(tboxes, metric)} (AOI: {aoi_desc}).",
+            fix="check that both cover the same imagery; a wrong CRS on either file is the usual cause.")
+    pb, ps, pn = preds.boxes[pin], preds.scores[pin], pnames[pin]
+    tb, tn = tboxes[tin], tnames[tin]
+    pimg, timg = group_images(pb, tb)
+    classes = list(labels.classes)
+    cid = {n: i + 1 for i, n in enumerate(classes)}
+    n_images = int(max(pimg.max(initial=0), timg.max(initial=0)))
+    gt = {"images": [{"id": i} for i in range(1, n_images + 1)],
+          "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)],
+          "annotations": [{"id": k + 1, "image_id": int(timg[k]), "category_id": cid[tn[k]],
+                           "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                           "area": float((b[2] - b[0]) * (b[3] - b[1])), "iscrowd": 0} for k, b in enumerate(tb)]}
+    dets = [{"image_id": int(pimg[k]), "category_id": cid[pn[k]], "score": float(ps[k]),
+             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]} for k, b in enumerate(pb)]
+    lo, hi = cfg.area_bins
+    bins = (("small", 0.0, lo), ("medium", lo, hi), ("large", hi, 1e30))
+    metrics = coco_metrics(gt, dets, area_bins=bins, max_dets=(1, 10, IMAGE_MAX_PREDICTIONS))
+    op_metrics = coco_metrics(gt, dets, iou_thresholds=[cfg.iou], area_bins=bins,
+                              max_dets=(1, 10, IMAGE_MAX_PREDICTIONS), keep_eval=True)
+    ev = op_metrics["_eval"]
+    op = operating_point(ev, cfg.iou, score_thresh=cfg.score_thresh)
+    per_class = {c: operating_point(ev, cfg.iou, score_thresh=op["score_thresh"], cat_ids=[cid[c]]) for c in classes}
+    rep = EvalReport(metrics=metrics, operating=op, per_class_operating=per_class,
+                     crs=f"EPSG:{metric.to_epsg()}" if metric.to_epsg() else metric.name, n_predictions=len(pb),
+                     n_truth=len(tb), aoi=aoi_desc, seconds=0.0, class_map=mapping)
+    if out_dir is not None:
+        matches = _matches(ev, cfg.iou, op["score_thresh"], dets, gt)
+        _write_report(out_dir, rep, classes, metric, pb, ps, pn, tb, tn, matches, ev, overwrite=overwrite)
+        rep.out_dir = str(out_dir)
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _matches(ev, iou, thr, dets, gt) -> tuple[set[int], dict[int, int]]:
+    """``(tp detection indexes, {truth index: detection index})`` at one IoU and score threshold."""
+    t = int(np.flatnonzero(np.isclose(ev.params.iouThrs, iou))[0])
+    tp, pair = set(), {}
+    for e in ev.evalImgs:
+        if e is None or e["aRng"] != ev.params.areaRng[0] or e["maxDet"] != ev.params.maxDets[-1]:
+            continue
+        for j, d in enumerate(e["dtIds"]):
+            m = int(np.asarray(e["dtMatches"])[t][j])
+            if m > 0 and e["dtScores"][j] >= thr:
+                tp.add(d - 1)
+                pair[m - 1] = d - 1
+    return tp, pair
+
+
+def _write_report(out_dir, rep: EvalReport, classes, metric, pb, ps, pn, tb, tn, matches, ev, *, overwrite) -> None:
+    import geopandas as gpd
+
+    tp, pair = matches
+    thr = rep.operating["score_thresh"]
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "report.json").write_text(json.dumps(rep.to_dict(), indent=2, default=float))
+        (tmp / "report.md").write_text(_markdown(rep, classes))
+        for c in classes:
+            _pr_png(tmp / f"pr_{_slug(c)}.png", rep.per_class_operating[c], c, rep)
+        above = ps >= thr
+        idx = np.arange(len(pb))
+        tp_idx = np.array(sorted(tp), dtype=np.int64)
+        fp_idx = idx[above & ~np.isin(idx, tp_idx)]
+        fn_idx = np.array([k for k in range(len(tb)) if k not in pair], dtype=np.int64)
+        det_of = {d: g for g, d in pair.items()}
+
+        def iou_of(d):
+            g = det_of[d]
+            a, b = pb[d], tb[g]
+            iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+            ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+            inter = iw * ih
+            return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+        layers = {
+            "tp": gpd.GeoDataFrame({"label": pn[tp_idx].astype(str), "score": ps[tp_idx],
+                                    "iou": [iou_of(d) for d in tp_idx]},
+                                   geometry=shapely.box(*pb[tp_idx].T) if len(tp_idx) else [], crs=metric),
+            "fp": gpd.GeoDataFrame({"label": pn[fp_idx].astype(str), "score": ps[fp_idx]},
+                                   geometry=shapely.box(*pb[fp_idx].T) if len(fp_idx) else [], crs=metric),
+            "fn": gpd.GeoDataFrame({"label": tn[fn_idx].astype(str)},
+                                   geometry=shapely.box(*tb[fn_idx].T) if len(fn_idx) else [], crs=metric),
+        }
+        for name, gdf in layers.items():
+            gdf.to_file(tmp / "inspection.gpkg", layer=name, driver="GPKG", engine="pyogrio")
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "class"
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and v < 0) else f"{v:.3f}"
+
+
+def _markdown(rep: EvalReport, classes: list[str]) -> str:
+    m, op = rep.metrics, rep.operating
+    lines = [
+        "# geonet evaluation", "",
+        f"- truth objects in the AOI: {rep.n_truth}; predictions scored: {rep.n_predictions}",
+        f"- metric CRS: {rep.crs}; AOI: {rep.aoi}",
+        f"- area bins (m²): {', '.join(k[3:] for k in m if k.startswith('AP_'))}", "",
+        "| metric | value |", "|---|---|",
+        f"| AP@[.5:.95] | {_fmt(m['AP'])} |", f"| AP50 | {_fmt(m['AP50'])} |", f"| AP75 | {_fmt(m['AP75'])} |",
+        f"| AR@100 | {_fmt(m.get('AR@100'))} |",
+    ]
+    for k, v in m.items():
+        if k.startswith("AP_"):
+            lines.append(f"| AP {k[3:]} | {_fmt(v)} |")
+    lines += ["", f"## At IoU {op['iou']:g}, score >= {op['score_thresh']:.3f} ({op['chosen']})", "",
+              "| class | precision | recall | F1 | TP | FP | FN | AP | AP50 |", "|---|---|---|---|---|---|---|---|---|",
+              f"| all | {op['precision']:.3f} | {op['recall']:.3f} | {op['f1']:.3f} | {op['tp']} | {op['fp']} | "
+              f"{op['fn']} | {_fmt(m['AP'])} | {_fmt(m['AP50'])} |"]
+    for c in classes:
+        o = rep.per_class_operating[c]
+        pc = m["per_class"][c]
+        lines.append(f"| {c} | {o['precision']:.3f} | {o['recall']:.3f} | {o['f1']:.3f} | {o['tp']} | {o['fp']} | "
+                     f"{o['fn']} | {_fmt(pc['AP'])} | {_fmt(pc['AP50'])} |")
+    lines += ["", "Computed with pycocotools' COCOeval on box envelopes in the metric CRS; `inspection.gpkg` holds the "
+              "tp, fp and fn boxes."]
+    return "\n".join(lines) + "\n"
+
+
+def _pr_png(path: Path, op: dict, name: str, rep: EvalReport) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    c = op["curve"]
+    if c["recall"]:
+        ax.plot(c["recall"], c["precision"], lw=1.5)
+        ax.scatter([op["recall"]], [op["precision"]], color="red", zorder=3,
+                   label=f"score >= {op['score_thresh']:.2f}: P {op['precision']:.2f} R {op['recall']:.2f}")
+        ax.legend(loc="lower left", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"{name}: IoU {op['iou']:g}, {op['n_truth']} truth objects")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_coco(gt_path: str | os.PathLike[str], dt_path: str | os.PathLike[str], cfg: EvalConfig | None = None,
+                  out_dir: str | os.PathLike[str] | None = None, *, overwrite: bool = False) -> EvalReport:
+    """Evaluate a COCO pair in pixel space: ground truth JSON (e.g. chips' ``annotations.json``) and a
+    COCO results list ``[{"image_id", "category_id", "bbox", "score"}]``. COCO's own area bins (px²)
+    and ``maxDets`` (1, 10, 100) are used, so the numbers are COCOeval's.
+    """
+    cfg = cfg or EvalConfig()
+    t0 = time.perf_counter()
+    if out_dir is not None:
+        check_output_dir(out_dir, overwrite=overwrite)
+    try:
+        gt = json.loads(Path(gt_path).read_text())
+        dets = json.loads(Path(dt_path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the COCO pair ({exc}).", fix="pass a COCO ground-truth JSON and a COCO "
+                         "results JSON list.") from None
+    if isinstance(dets, dict) and "annotations" in dets:
+        dets = dets["annotations"]
+    if not isinstance(dets, list) or (dets and "score" not in dets[0]):
+        raise InputError("the predictions are not a COCO results list with scores.", path=dt_path,
+                         fix="each detection needs image_id, category_id, bbox and score.")
+    metrics = coco_metrics(gt, dets)
+    op_m = coco_metrics(gt, dets, iou_thresholds=[cfg.iou], keep_eval=True)
+    op = operating_point(op_m["_eval"], cfg.iou, score_thresh=cfg.score_thresh)
+    classes = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    ids = {c["name"]: c["id"] for c in gt["categories"]}
+    per_class = {c: operating_point(op_m["_eval"], cfg.iou, score_thresh=op["score_thresh"], cat_ids=[ids[c]])
+                 for c in classes}
+    rep = EvalReport(metrics=metrics, operating=op, per_class_operating=per_class, crs="pixels",
+                     n_predictions=len(dets), n_truth=metrics["n_truth"], aoi="COCO images", seconds=0.0)
+    if out_dir is not None:
+        with atomic_dir(out_dir) as tmp:
+            (tmp / "report.json").write_text(json.dumps(rep.to_dict(), indent=2, default=float))
+            (tmp / "report.md").write_text(_markdown(rep, classes))
+            for c in classes:
+                _pr_png(tmp / f"pr_{_slug(c)}.png", per_class[c], c, rep)
+        rep.out_dir = str(out_dir)
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def is_coco_json(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is COCO ground truth: a ``.json`` object with ``images`` and ``annotations``."""
+    p = Path(path)
+    if p.suffix.lower() != ".json" or not p.exists():
+        return False
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "images" in d and "annotations" in d
+

@@ -1,0 +1,198 @@
+"""Evaluation: pycocotools-identical numbers, map space, CRSs, operating point, faults."""
+
+import contextlib
+import io
+import json
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import shapely
+from click.testing import CliRunner
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from geonet.chip import ChipConfig, plan_chips, write_chips
+from geonet.cli.main import cli
+from geonet.errors import InputError
+from geonet.evaluate import ClassMismatch, EvalConfig, evaluate, evaluate_coco, group_images
+from geonet.labels import LabelIndex, read_labels
+from geonet.raster import describe_raster
+from synth import make_scene
+
+
+def _noisy_predictions(gt, rng, *, drop=0.2, jitter=1.5, fp_per_image=3):
+    dets = []
+    for a in gt["annotations"]:
+        if a.get("iscrowd") or rng.random() < drop:
+            continue
+        x, y, w, h = a["bbox"]
+        j = rng.normal(0, jitter, 4)
+        dets.append({"image_id": a["image_id"], "category_id": a["category_id"],
+                     "bbox": [x + j[0], y + j[1], max(1, w + j[2]), max(1, h + j[3])], "score": float(rng.uniform(.3, 1))})
+    for im in gt["images"]:
+        for _ in range(fp_per_image):
+            x, y = rng.uniform(0, im["width"] - 20, 2)
+            dets.append({"image_id": im["id"], "category_id": 1, "bbox": [x, y, 15, 15],
+                         "score": float(rng.uniform(0, 0.8))})
+    return dets
+
+
+def test_coco_pair_equals_pycocotools(tmp_path):
+    r, lab, _ = make_scene(tmp_path, width=300, height=300, n=25, max_side=40)
+    cfg = ChipConfig(size=128, stride=100)
+    write_chips(plan_chips([describe_raster(r)], LabelIndex(read_labels(lab)), cfg), tmp_path / "chips", cfg)
+    gt_path = tmp_path / "chips" / "annotations.json"
+    gt = json.loads(gt_path.read_text())
+    dets = _noisy_predictions(gt, np.random.default_rng(0))
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    rep = evaluate_coco(gt_path, tmp_path / "dets.json", out_dir=tmp_path / "rep")
+    with contextlib.redirect_stdout(io.StringIO()):
+        cg = COCO(str(gt_path))
+        ev = COCOeval(cg, cg.loadRes(str(tmp_path / "dets.json")), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    s = ev.stats
+    m = rep.metrics
+    ours = [m["AP"], m["AP50"], m["AP75"], m["AP_small"], m["AP_medium"], m["AP_large"], m["AR@1"], m["AR@10"],
+            m["AR@100"]]
+    theirs = [s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8]]
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-9)
+    assert 0.2 < m["AP"] < 0.95
+    assert (tmp_path / "rep" / "report.json").exists() and (tmp_path / "rep" / "pr_scene.png").exists()
+
+
+def _truth_and_preds(tmp_path, n=40, crs="EPSG:32618"):
+    rng = np.random.default_rng(1)
+    x0, y0 = 500000.0, 4500000.0
+    xy = rng.uniform(0, 200, (n, 2))
+    wh = rng.uniform(2, 12, (n, 2))
+    boxes = np.column_stack([x0 + xy[:, 0], y0 + xy[:, 1], x0 + xy[:, 0] + wh[:, 0], y0 + xy[:, 1] + wh[:, 1]])
+    truth = gpd.GeoDataFrame({"kind": ["tree"] * n}, geometry=list(shapely.box(*boxes.T)), crs=crs)
+    return truth, boxes
+
+
+def _write_preds(path, boxes, scores, crs="EPSG:32618", label="tree"):
+    gpd.GeoDataFrame({"label": [label] * len(boxes), "score": scores}, geometry=list(shapely.box(*boxes.T)),
+                     crs=crs).to_file(path)
+    return path
+
+
+def test_perfect_and_shuffled(tmp_path):
+    truth, boxes = _truth_and_preds(tmp_path)
+    truth.to_file(tmp_path / "truth.gpkg")
+    perfect = _write_preds(tmp_path / "perfect.geojson", boxes, np.linspace(0.5, 1, len(boxes)))
+    rep = evaluate([str(perfect)], str(tmp_path / "truth.gpkg"), EvalConfig())
+    assert rep.metrics["AP"] == pytest.approx(1.0) and rep.metrics["AP50"] == pytest.approx(1.0)
+    assert rep.operating["f1"] == pytest.approx(1.0) and rep.operating["fp"] == 0
+    rng = np.random.default_rng(2)
+    shuffled = boxes.copy()
+    wh = shuffled[:, 2:] - shuffled[:, :2]
+    shuffled[:, :2] = shuffled[rng.permutation(len(boxes)), :2]  # positions of other objects
+    shuffled[:, 2:] = shuffled[:, :2] + wh
+    sh = _write_preds(tmp_path / "shuffled.geojson", shuffled, rng.uniform(0, 1, len(boxes)))
+    rep = evaluate([str(sh)], str(tmp_path / "truth.gpkg"), EvalConfig())
+    assert rep.metrics["AP"] < 0.1
+
+
+def test_truth_in_another_crs_gives_same_numbers(tmp_path):
+    truth, boxes = _truth_and_preds(tmp_path)
+    rng = np.random.default_rng(3)
+    noisy = boxes + rng.normal(0, 0.5, boxes.shape)
+    preds = _write_preds(tmp_path / "p.geojson", noisy, rng.uniform(0, 1, len(boxes)))
+    truth.to_crs("EPSG:4326").to_file(tmp_path / "t4326.geojson")
+    gpd.read_file(tmp_path / "t4326.geojson").to_crs("EPSG:32618").to_file(tmp_path / "t_utm.gpkg")
+    a = evaluate([str(preds)], str(tmp_path / "t4326.geojson"), EvalConfig())
+    b = evaluate([str(preds)], str(tmp_path / "t_utm.gpkg"), EvalConfig())
+    for k in ("AP", "AP50", "AP75", "AR@100"):
+        assert a.metrics[k] == pytest.approx(b.metrics[k], abs=1e-9)
+    assert a.operating["tp"] == b.operating["tp"] and a.crs == b.crs == "EPSG:32618"
+
+
+def test_operating_point_and_inspection_layers(tmp_path):
+    truth, boxes = _truth_and_preds(tmp_path)
+    truth.to_file(tmp_path / "truth.gpkg")
+    rng = np.random.default_rng(4)
+    keep = rng.random(len(boxes)) > 0.25
+    extra = boxes[:8] + 40
+    preds = np.concatenate([boxes[keep] + rng.normal(0, 0.3, (keep.sum(), 4)), extra])
+    scores = np.concatenate([rng.uniform(0.5, 1, keep.sum()), rng.uniform(0, 0.6, 8)])
+    p = _write_preds(tmp_path / "p.geojson", preds, scores)
+    for iou in (0.4, 0.5):
+        rep = evaluate([str(p)], str(tmp_path / "truth.gpkg"), EvalConfig(iou=iou), tmp_path / f"r{iou}")
+        op = rep.operating
+        assert op["iou"] == iou
+        assert op["tp"] + op["fn"] == rep.n_truth == len(boxes)
+        assert op["tp"] + op["fp"] == int((scores >= op["score_thresh"]).sum())
+        for layer, n in (("tp", op["tp"]), ("fp", op["fp"]), ("fn", op["fn"])):
+            assert len(gpd.read_file(tmp_path / f"r{iou}" / "inspection.gpkg", layer=layer)) == n
+        md = (tmp_path / f"r{iou}" / "report.md").read_text()
+        assert "AP50" in md and f"IoU {iou:g}" in md
+
+
+def test_area_bins_in_square_metres(tmp_path):
+    truth, boxes = _truth_and_preds(tmp_path)
+    truth.to_file(tmp_path / "truth.gpkg")
+    p = _write_preds(tmp_path / "p.geojson", boxes, np.ones(len(boxes)))
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    rep = evaluate([str(p)], str(tmp_path / "truth.gpkg"), EvalConfig(area_bins=(20.0, 60.0)))
+    for name, sel in (("small", area < 20), ("medium", (area >= 20) & (area < 60)), ("large", area >= 60)):
+        assert rep.metrics[f"AP_{name}"] == (pytest.approx(1.0) if sel.any() else -1)
+
+
+def test_no_overlap_no_score_and_class_map(tmp_path):
+    truth, boxes = _truth_and_preds(tmp_path)
+    truth.to_file(tmp_path / "truth.gpkg")
+    far = _write_preds(tmp_path / "far.geojson", boxes + 10_000, np.ones(len(boxes)))
+    with pytest.raises(InputError, match="do not overlap") as ei:
+        evaluate([str(far)], str(tmp_path / "truth.gpkg"), EvalConfig())
+    assert str(ei.value).count("lon") == 2  # both extents
+    gpd.GeoDataFrame({"label": ["tree"] * len(boxes)}, geometry=list(shapely.box(*boxes.T)),
+                     crs="EPSG:32618").to_file(tmp_path / "noscore.geojson")
+    with pytest.raises(InputError, match="no score field"):
+        evaluate([str(tmp_path / "noscore.geojson")], str(tmp_path / "truth.gpkg"), EvalConfig())
+    p = _write_preds(tmp_path / "p.geojson", boxes, np.ones(len(boxes)), label="Tree")
+    # one class on each side: matched whatever the names
+    rep = evaluate([str(p)], str(tmp_path / "truth.gpkg"), EvalConfig(class_field="kind"))
+    assert rep.metrics["AP"] == pytest.approx(1.0) and rep.class_map == {"Tree": "tree"}
+    two = truth.assign(kind=["tree", "shrub"] * (len(truth) // 2))
+    two.to_file(tmp_path / "two.gpkg")
+    with pytest.raises(ClassMismatch) as ei:
+        evaluate([str(p)], str(tmp_path / "two.gpkg"), EvalConfig(class_field="kind"))
+    assert "Tree" in ei.value.table and "tree" in ei.value.table and "shrub" in ei.value.table
+    trees_only = _write_preds(tmp_path / "p2.geojson", boxes[::2], np.ones(len(boxes[::2])), label="Tree")
+    rep = evaluate([str(trees_only)], str(tmp_path / "two.gpkg"),
+                   EvalConfig(class_field="kind", class_map={"Tree": "tree"}))
+    assert rep.metrics["per_class"]["tree"]["AP"] == pytest.approx(1.0)
+    assert rep.metrics["per_class"]["shrub"]["AP"] == 0.0
+
+
+def test_cli_mismatch_prints_table_and_class_map_fixes(tmp_path):
+    truth, boxes = _truth_and_preds(tmp_path)
+    truth = truth.assign(kind=["tree", "shrub"] * (len(truth) // 2))
+    truth.to_file(tmp_path / "truth.gpkg")
+    p = _write_preds(tmp_path / "p.geojson", boxes, np.ones(len(boxes)), label="Tree")
+    base = ["evaluate", str(p), "--truth", str(tmp_path / "truth.gpkg"), "--class-field", "kind", "-o",
+            str(tmp_path / "rep")]
+    res = CliRunner().invoke(cli, base)
+    assert res.exit_code == 2 and "predicted" in res.output and "--class-map" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "rep").exists()
+    res = CliRunner().invoke(cli, base + ["--class-map", "Tree=tree", "--iou", "0.4"])
+    assert res.exit_code == 0, res.output
+    assert "IoU 0.4" in res.output and "recall 0.500" in res.output  # the shrubs are never predicted
+
+
+def test_group_images_never_splits_overlaps():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 1000, (3000, 2))
+    b = np.column_stack([xy, xy + rng.uniform(1, 15, (3000, 2))])
+    p, t = b[:1500], b[1500:]
+    pi, ti = group_images(p, t, max_predictions=50)
+    allb = np.concatenate([p, t])
+    img = np.concatenate([pi, ti])
+    tree = shapely.STRtree(shapely.box(*allb.T))
+    a, c = tree.query(shapely.box(*p.T), predicate="intersects")
+    assert (img[a] == img[c]).all()
+    sizes = np.bincount(pi)
+    assert len(sizes) > 20  # really split into many images
