@@ -1,5 +1,5 @@
 # Two commands set everything up on a machine with Python >= 3.11 and pip:
-#   make demo   chip, train, detect on the bundled NEON sample (creates .venv on first run)
+#   make demo   check, chip, train, detect and evaluate on the bundled NEON sample (creates .venv on first run)
 #   make test   run the test suite (creates .venv on first run)
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,8 +8,9 @@ STAMP := $(VENV)/.geonet-installed
 DEMO := demo-out
 SAMPLE := examples/data/OSBS_029.tif
 SAMPLE_LABELS := examples/data/OSBS_029_trees.geojson
+WEIGHTS := examples/weights/mobilenet_v2_imagenet.pth
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv clean bench-peers
 
 venv: $(STAMP)
 
@@ -21,12 +22,26 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/geonet check --imagery $(SAMPLE) --labels $(SAMPLE_LABELS) --class-field label
-	$(BIN)/geonet chip --imagery $(SAMPLE) --labels $(SAMPLE_LABELS) --class-field label \
-		-o $(DEMO)/chips --size 256 --stride 192 --split val=0.25 --preview 4 --overwrite
-	@echo "demo: chips in $(DEMO)/chips, previews in $(DEMO)/chips/preview"
+	$(BIN)/geonet chip --imagery $(SAMPLE) --labels $(SAMPLE_LABELS) --class-field label -o $(DEMO)/chips \
+		--size 128 --stride 96 --split val=0.25 --split-by block --preview 4 --overwrite
+	-$(BIN)/python examples/fetch_weights.py $(WEIGHTS)
+	$(BIN)/geonet train --chips $(DEMO)/chips -o $(DEMO)/run --backbone mobilenet_v2 \
+		--weights $$(if [ -f $(WEIGHTS) ]; then echo $(WEIGHTS); else echo none; fi) \
+		--fit-anchors --epochs 30 --batch-size 8 --overwrite --no-progress
+	$(BIN)/geonet detect $(SAMPLE) -m $(DEMO)/run/best.pt -o $(DEMO)/trees.geojson --preview $(DEMO)/trees.png \
+		--no-progress
+	$(BIN)/geonet evaluate $(DEMO)/trees.geojson --truth $(SAMPLE_LABELS) --iou 0.4 -o $(DEMO)/report --overwrite
+	@echo "demo: chips and previews in $(DEMO)/chips, run in $(DEMO)/run, detections $(DEMO)/trees.geojson" \
+		"(open it in QGIS over $(SAMPLE)), preview $(DEMO)/trees.png, report $(DEMO)/report/report.md"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# Peers for bench/seam_bench.py only (SAHI, DeepForest), in their own virtual environment.
+bench-peers: $(STAMP)
+	$(PYTHON) -m venv bench/.venv-peers
+	bench/.venv-peers/bin/python -m pip install --quiet sahi deepforest pyarrow pyogrio pycocotools
+	bench/.venv-peers/bin/python -m pip install --quiet --no-deps -e .

@@ -15,6 +15,8 @@ from geonet.errors import InputError
 from geonet.model import BACKBONES
 from geonet.train import TrainConfig, load_run_config, train
 
+D = TrainConfig()  # option defaults come from the library's
+
 log = logging.getLogger("geonet")
 
 _LIST_KEYS = ("anchor_sizes", "anchor_scales", "anchor_ratios", "bands")
@@ -71,38 +73,38 @@ def _load_config(ctx, param, value):
 @click.option("--images", default=None, metavar="DIR", help="Image folder of --coco [default: the JSON's folder].")
 @click.option("--voc", default=None, metavar="DIR", help="A Pascal VOC folder (Annotations/ + JPEGImages/).")
 @click.option("-o", "--output", required=True, metavar="DIR", help="Run folder (checkpoints, logs, curves).")
-@click.option("--size", type=int, default=512, show_default=True, help="Chip side in pixels.")
+@click.option("--size", type=int, default=D.size, show_default=True, help="Chip side in pixels.")
 @click.option("--stride", type=int, default=None, help="Window step in pixels [default: --size].")
-@click.option("--min-visible", type=float, default=0.5, show_default=True, help="Edge rule, as in `geonet chip`.")
-@click.option("--negative-ratio", type=float, default=0.25, show_default=True, help="Background chips per object chip.")
+@click.option("--min-visible", type=float, default=D.min_visible, show_default=True, help="Edge rule, as in `geonet chip`.")
+@click.option("--negative-ratio", type=float, default=D.negative_ratio, show_default=True, help="Background chips per object chip.")
 @click.option("--split", default="val=0.2", show_default=True, metavar="val=F", help="Spatial validation split.")
 @click.option("--split-by", type=click.Choice(["auto", "raster", "block"]), default="auto", show_default=True)
 @click.option("--block-size", type=int, default=None, help="Block side in pixels for --split-by block.")
-@click.option("--backbone", type=click.Choice(list(BACKBONES)), default="resnet50", show_default=True)
+@click.option("--backbone", type=click.Choice(list(BACKBONES)), default=D.backbone, show_default=True)
 @click.option("--weights", default="none", show_default=True, metavar="coco|imagenet|none|PATH",
               help="Initial weights: torchvision COCO RetinaNet (resnet50), ImageNet backbone, none, or a local file.")
-@click.option("--anchor-sizes", default="32,64,128,256,512", show_default=True, help="Base anchor side per level P3..P7 (px).")
+@click.option("--anchor-sizes", default=",".join(f"{v:g}" for v in D.anchor_sizes), show_default=True, help="Base anchor side per level P3..P7 (px).")
 @click.option("--anchor-scales", default="2^0,2^(1/3),2^(2/3)", show_default=True, help="Scales per level.")
-@click.option("--anchor-ratios", default="0.5,1,2", show_default=True, help="Aspect ratios (height/width).")
+@click.option("--anchor-ratios", default=",".join(f"{v:g}" for v in D.anchor_ratios), show_default=True, help="Aspect ratios (height/width).")
 @click.option("--fit-anchors", is_flag=True, help="Fit anchor sizes and ratios to the training boxes (see `geonet anchors`).")
-@click.option("--focal-alpha", type=float, default=0.25, show_default=True)
-@click.option("--focal-gamma", type=float, default=2.0, show_default=True)
-@click.option("--fg-iou", type=float, default=0.5, show_default=True, help="Matcher: anchors at or above are objects.")
-@click.option("--bg-iou", type=float, default=0.4, show_default=True, help="Matcher: anchors below are background.")
-@click.option("--score-thresh", type=float, default=0.05, show_default=True)
-@click.option("--nms-iou", type=float, default=0.5, show_default=True)
-@click.option("--detections-per-img", type=int, default=300, show_default=True)
+@click.option("--focal-alpha", type=float, default=D.focal_alpha, show_default=True)
+@click.option("--focal-gamma", type=float, default=D.focal_gamma, show_default=True)
+@click.option("--fg-iou", type=float, default=D.fg_iou, show_default=True, help="Matcher: anchors at or above are objects.")
+@click.option("--bg-iou", type=float, default=D.bg_iou, show_default=True, help="Matcher: anchors below are background.")
+@click.option("--score-thresh", type=float, default=D.score_thresh, show_default=True)
+@click.option("--nms-iou", type=float, default=D.nms_iou, show_default=True)
+@click.option("--detections-per-img", type=int, default=D.detections_per_img, show_default=True)
 @click.option("--trainable-layers", type=int, default=None, help="Backbone stages to train [default: 3 pretrained, 5 scratch].")
-@click.option("--epochs", type=int, default=24, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--epochs", type=int, default=D.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=D.batch_size, show_default=True)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True,
               help="AdamW (lr 1e-4) converges in far fewer steps from scratch on small data; SGD is the paper's.")
 @click.option("--lr", type=float, default=None, help="Learning rate [default: 0.01 x batch / 16 for SGD, 1e-4 AdamW].")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--momentum", type=float, default=D.momentum, show_default=True)
+@click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
 @click.option("--warmup-steps", type=int, default=None, help="Linear warmup steps [default: 10 %% of all steps, at most 500].")
-@click.option("--grad-clip", type=float, default=35.0, show_default=True,
+@click.option("--grad-clip", type=float, default=D.grad_clip, show_default=True,
               help="Clip the gradient norm (35 as in mmdetection's RetinaNet; 0: off).")
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Flips, 90-degree rotations, jitter.")
 @click.option("--early-stopping", type=int, default=0, show_default=True, metavar="EPOCHS",

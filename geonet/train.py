@@ -91,27 +91,28 @@ class TrainConfig:
     coco: str | None = None
     images: str | None = None
     voc: str | None = None
-    size: int = 512
-    stride: int | None = None
-    min_visible: float = 0.5
-    negative_ratio: float = 0.25
+    # chipping (defaults: ChipConfig's, except a 20 % spatial validation split)
+    size: int = ChipConfig.size
+    stride: int | None = ChipConfig.stride
+    min_visible: float = ChipConfig.min_visible
+    negative_ratio: float = ChipConfig.negative_ratio
     val_fraction: float = 0.2
-    split_by: str = "auto"
-    block_size: int | None = None
-    # model
-    backbone: str = "resnet50"
+    split_by: str = ChipConfig.split_by
+    block_size: int | None = ChipConfig.block_size
+    # model (defaults: ModelConfig's)
+    backbone: str = ModelConfig.backbone
     weights: str = "none"
-    anchor_sizes: list[float] = field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])
-    anchor_scales: list[float] = field(default_factory=lambda: [1.0, 2 ** (1 / 3), 2 ** (2 / 3)])
-    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    anchor_sizes: list[float] = field(default_factory=lambda: [float(v) for v in ModelConfig.anchor_sizes])
+    anchor_scales: list[float] = field(default_factory=lambda: [float(v) for v in ModelConfig.anchor_scales])
+    anchor_ratios: list[float] = field(default_factory=lambda: [float(v) for v in ModelConfig.anchor_ratios])
     fit_anchors: bool = False
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    fg_iou: float = 0.5
-    bg_iou: float = 0.4
-    score_thresh: float = 0.05
-    nms_iou: float = 0.5
-    detections_per_img: int = 300
+    focal_alpha: float = ModelConfig.focal_alpha
+    focal_gamma: float = ModelConfig.focal_gamma
+    fg_iou: float = ModelConfig.fg_iou
+    bg_iou: float = ModelConfig.bg_iou
+    score_thresh: float = ModelConfig.score_thresh
+    nms_iou: float = ModelConfig.nms_iou
+    detections_per_img: int = ModelConfig.detections_per_img
     trainable_layers: int | None = None
     # optimisation
     epochs: int = 24
@@ -722,10 +723,10 @@ def plot_curves(run: Path) -> Path | None:
     if "train/loss_epoch" in df:
         d = df.dropna(subset=["train/loss_epoch"])
         ax[0].plot(d["epoch"], d["train/loss_epoch"], marker="o", label="loss")
-        for k in ("train/cls_epoch", "train/box_epoch"):
+        for k in ("train/cls", "train/box"):
             if k in df:
                 dd = df.dropna(subset=[k])
-                ax[0].plot(dd["epoch"], dd[k], linestyle="--", label=k.split("/")[1].replace("_epoch", ""))
+                ax[0].plot(dd["epoch"], dd[k], linestyle="--", label=k.split("/")[1])
         ax[0].set_xlabel("epoch")
         ax[0].set_title("training loss")
         ax[0].legend()
@@ -736,7 +737,10 @@ def plot_curves(run: Path) -> Path | None:
     ax[1].set_xlabel("epoch")
     ax[1].set_title("validation")
     ax[1].set_ylim(0, 1)
-    ax[1].legend()
+    if ax[1].lines:
+        ax[1].legend()
+    else:
+        ax[1].text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax[1].transAxes)
     fig.tight_layout()
     out = run / "curves.png"
     with atomic_file(out) as tmp:

@@ -49,11 +49,14 @@ def _iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
-def oracle_tiles(grid: TileGrid, objects, rng, *, min_visible_px=2.0, jitter=0.0, shortfall=0.0):
+def oracle_tiles(grid: TileGrid, objects, rng, *, min_visible_px=2.0, jitter=0.0, shortfall=0.0,
+                 score_by_visibility=False):
     """``{(r, c): (boxes [N, 4] tile frame, scores, labels)}`` for every tile.
 
     ``shortfall``: a cut box stops up to this many pixels short of the tile edge that cuts it
-    (real detectors rarely end a cut box exactly on the edge).
+    (real detectors rarely end a cut box exactly on the edge). ``score_by_visibility``: scores are
+    0.5 + 0.5 x the visible fraction of the object (a cut object scores lower), instead of uniform
+    random in [0.5, 1).
     """
     out = {}
     for r, y0 in enumerate(grid.ys):
@@ -67,11 +70,13 @@ def oracle_tiles(grid: TileGrid, objects, rng, *, min_visible_px=2.0, jitter=0.0
                 pull = rng.uniform(0, shortfall, clip.shape) * np.array([1, 1, -1, -1])
                 clip = np.where(cut, clip + pull, clip)
             ok = (clip[:, 2] - clip[:, 0] >= min_visible_px) & (clip[:, 3] - clip[:, 1] >= min_visible_px)
+            area = lambda q: (q[:, 2] - q[:, 0]) * (q[:, 3] - q[:, 1])  # noqa: E731
+            visible = area(clip[ok]) / area(b[ok])
             clip = clip[ok] - np.array([x0, y0, x0, y0])
             if jitter:
                 clip = clip + rng.normal(0, jitter, clip.shape)
                 clip = np.clip(clip, 0, grid.tile)
-            scores = rng.uniform(0.5, 1.0, len(clip))
+            scores = 0.5 + 0.5 * visible if score_by_visibility else rng.uniform(0.5, 1.0, len(clip))
             out[(r, c)] = (clip, scores, np.ones(len(clip), dtype=np.int64))
     return out
 

@@ -183,6 +183,24 @@ def test_cli_mismatch_prints_table_and_class_map_fixes(tmp_path):
     assert "IoU 0.4" in res.output and "recall 0.500" in res.output  # the shrubs are never predicted
 
 
+def test_grouping_into_images_does_not_change_the_numbers(tmp_path, monkeypatch):
+    import geonet.evaluate as E
+
+    truth, boxes = _truth_and_preds(tmp_path, n=120)
+    truth.to_file(tmp_path / "truth.gpkg")
+    rng = np.random.default_rng(9)
+    preds = np.concatenate([boxes + rng.normal(0, 0.6, boxes.shape), boxes[:30] + rng.normal(0, 3, (30, 4))])
+    p = _write_preds(tmp_path / "p.geojson", preds, rng.uniform(0, 1, len(preds)))
+    grouped = evaluate([str(p)], str(tmp_path / "truth.gpkg"), EvalConfig())
+    monkeypatch.setattr(E, "IMAGE_MAX_PREDICTIONS", 10**9)  # one image holding everything
+    single = evaluate([str(p)], str(tmp_path / "truth.gpkg"), EvalConfig())
+    for k in ("AP", "AP50", "AP75"):
+        assert grouped.metrics[k] == pytest.approx(single.metrics[k], abs=1e-12), k
+    # recall over all predictions: AR@100 when images hold at most 10, AR@<all> for one image
+    assert grouped.metrics["AR@100"] == pytest.approx(single.metrics[f"AR@{10**9}"], abs=1e-12)
+    assert grouped.operating["tp"] == single.operating["tp"]
+
+
 def test_group_images_never_splits_overlaps():
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 1000, (3000, 2))

@@ -1,0 +1,101 @@
+"""Shared helpers of the benchmarks: synthetic scenes, a checkpoint, peak RSS, timing."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synthetic_scene(path: Path, width: int, height: int, *, seed: int = 0, n_objects: int | None = None,
+                    bands: int = 3, block: int = 512) -> Path:
+    """A tiled, deflate-compressed uint8 GeoTIFF (EPSG:32618, 0.1 m) with bright rectangles, written by blocks."""
+    rng = np.random.default_rng(seed)
+    n_objects = n_objects if n_objects is not None else max(1, width * height // 40_000)
+    xy = rng.uniform(0, [width - 40, height - 40], (n_objects, 2)).astype(int)
+    wh = rng.integers(12, 40, (n_objects, 2))
+    profile = dict(driver="GTiff", width=width, height=height, count=bands, dtype="uint8", crs="EPSG:32618",
+                   transform=Affine(0.1, 0, 500000, 0, -0.1, 4600000), tiled=True, blockxsize=block,
+                   blockysize=block, compress="deflate")
+    with rasterio.open(path, "w", **profile) as dst:
+        for y0 in range(0, height, block):
+            h = min(block, height - y0)
+            strip = rng.normal(60, 12, size=(bands, h, width)).clip(0, 255).astype(np.uint8)
+            sel = (xy[:, 1] < y0 + h) & (xy[:, 1] + wh[:, 1] > y0)
+            for (x, y), (w, hh) in zip(xy[sel], wh[sel]):
+                strip[:, max(0, y - y0):min(h, y + hh - y0), x:x + w] = 220
+            dst.write(strip, window=rasterio.windows.Window(0, y0, width, h))
+    return path
+
+
+def mosaic_vrt(tile_path: Path, out: Path, size: int) -> Path:
+    """A VRT of ``size`` x ``size`` px that repeats ``tile_path`` (a scene far larger than the disk it uses)."""
+    with rasterio.open(tile_path) as src:
+        tw, th, count = src.width, src.height, src.count
+        bx, by = src.block_shapes[0][1], src.block_shapes[0][0]
+    parts = [f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}">',
+             '<SRS>EPSG:32618</SRS><GeoTransform>500000, 0.1, 0, 4600000, 0, -0.1</GeoTransform>']
+    for b in range(1, count + 1):
+        parts.append(f'<VRTRasterBand dataType="Byte" band="{b}">')
+        for y in range(0, size, th):
+            for x in range(0, size, tw):
+                w, h = min(tw, size - x), min(th, size - y)
+                parts.append(f'<SimpleSource><SourceFilename relativeToVRT="0">{tile_path}</SourceFilename>'
+                             f'<SourceBand>{b}</SourceBand><SourceProperties RasterXSize="{tw}" RasterYSize="{th}" '
+                             f'DataType="Byte" BlockXSize="{bx}" BlockYSize="{by}"/>'
+                             f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+                             f'<DstRect xOff="{x}" yOff="{y}" xSize="{w}" ySize="{h}"/></SimpleSource>')
+        parts.append("</VRTRasterBand>")
+    parts.append("</VRTDataset>")
+    out.write_text("\n".join(parts))
+    return out
+
+
+def random_checkpoint(path: Path, *, backbone: str = "resnet18", chip: int = 512, score_thresh: float = 0.05,
+                      classes=("object",)) -> Path:
+    """A geonet checkpoint with randomly initialised weights (speed does not depend on the weights)."""
+    import torch
+
+    from geonet.checkpoint import save_checkpoint
+    from geonet.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, num_classes=len(classes), mean=[60.0] * 3, std=[30.0] * 3,
+                      score_thresh=score_thresh)
+    model = build_model(cfg)
+    meta = {"classes": list(classes), "bands": [1, 2, 3], "dtype": "uint8", "nodata": None, "gsd": [0.1, 0.1],
+            "chip_size": chip, "box_stats": {"width": [12, 14, 25, 38, 40], "height": [12, 14, 25, 38, 40],
+                                             "side": [12, 14, 25, 38, 40]},
+            "train_config": {}, "metrics": {}, "epoch": 0}
+    save_checkpoint(path, model, cfg, meta)
+    return path
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *a):
+        self.s = time.perf_counter() - self.t0
+
+
+def device_line() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"cpu: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
