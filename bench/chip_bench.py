@@ -33,7 +33,6 @@ def main() -> None:
     paths = find_rasters([data / "tiles"])
     infos = [describe_raster(p) for p in paths]
     labels = read_labels(data / "labels" / "trees.shp")
-    index = LabelIndex(labels)
     t_setup = time.perf_counter() - t0
     print(f"{len(infos)} rasters, {len(labels)} labels; headers + labels read in {t_setup:.2f} s")
     print(f"{'compress':>8} {'chips':>6} {'chips/s':>8} {'MB/s read':>10} {'I/O %':>6} {'read %':>7} "

@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from geonet.chip import ChipConfig, check_crs_consistency, plan_chips, write_chips
+from geonet.chip import ChipConfig, plan_chips, write_chips
 from geonet.cli.options import (bands_opt, class_field_opt, imagery_opt, labels_opt, layer_opt, nodata_opt,
                                 overwrite_opt, parse_split, point_size_opt, seed_opt, shared)
 from geonet.labels import LabelIndex, read_labels
@@ -44,7 +44,6 @@ def command(imagery, labels, layer, class_field, bands, nodata, output, size, st
     paths = find_rasters(imagery)
     lab = read_labels(labels, layer=layer, class_field=class_field)
     infos = [describe_raster(p, bands=bands, nodata=nodata) for p in paths]
-    check_crs_consistency(infos, lab)
     plan = plan_chips(infos, LabelIndex(lab, point_size=point_size), config)
     rep = write_chips(plan, output, config, preview=preview, overwrite=overwrite)
     click.echo(f"{rep.chips} chips ({rep.chips_train} train, {rep.chips_val} val, {rep.chips_negative} background) "

@@ -17,7 +17,6 @@ ties).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,14 +145,6 @@ def check_against_torchvision(boxes: np.ndarray, cfg: ModelConfig, image_size: t
     feats = [torch.zeros(1, 1, -(-h // s), -(-w // s)) for s in STRIDES]
     anchors = gen(ImageList(torch.zeros(1, 3, h, w), [(h, w)]), feats)[0]
     return box_iou(torch.as_tensor(boxes, dtype=torch.float32), anchors).max(dim=1).values.double().numpy()
-
-
-def sizes_from_text(text: str | Sequence[float] | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    if isinstance(text, str):
-        return tuple(float(eval_fraction(t)) for t in text.replace(" ", "").split(",") if t)
-    return tuple(float(v) for v in text)
 
 
 def eval_fraction(t: str) -> float:

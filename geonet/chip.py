@@ -39,14 +39,13 @@ import numpy as np
 import rasterio
 import shapely
 from affine import Affine
-from pyproj import CRS
 from rasterio.windows import Window
 
 import geonet
 from geonet.atomic import atomic_dir, check_output_dir
 from geonet.errors import InputError
 from geonet.georef import affine_to_list, crs_to_pixel, pixel_to_crs, to_crs
-from geonet.labels import LabelIndex, LabelSet, RasterBoxes, WindowLabels, label_window
+from geonet.labels import LabelIndex, RasterBoxes, WindowLabels, label_window
 from geonet.raster import RasterInfo, RasterSource
 
 log = logging.getLogger(__name__)
@@ -512,17 +511,3 @@ def _write_geotiff(path: Path, data: np.ndarray, valid: np.ndarray, transform: A
         dst.write(data)
         if info.nodata is None and not valid.all():
             dst.write_mask(valid.astype(np.uint8) * 255)
-
-
-def config_from_chips(annotations: dict) -> dict:
-    """The ``info.geonet`` block of a chips ``annotations.json``."""
-    return (annotations.get("info") or {}).get("geonet") or {}
-
-
-def check_crs_consistency(infos: Sequence[RasterInfo], labels: LabelSet) -> None:
-    """Raise :class:`InputError` for rasters without a CRS (labels can only be placed with one)."""
-    for info in infos:
-        if info.crs is None:
-            raise InputError("the raster has no CRS, so labels cannot be placed on it.", path=info.path,
-                             fix="assign one with `gdal_edit.py -a_srs EPSG:XXXX` (or pass a georeferenced copy).")
-    CRS.from_user_input(labels.crs)

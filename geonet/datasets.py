@@ -239,7 +239,8 @@ class ChipDataset(_DetectionDataset):
         source: a ``geonet chip`` output folder, a COCO JSON path, or a list of
             :class:`ImageRecord` (e.g. from :func:`load_voc`).
         split: keep only images of this split (``"train"``/``"val"``); ``None`` keeps all.
-        classes: class names to map categories onto (default: the file's own).
+        classes: class names: for a COCO source, the names to map its categories onto (default: the
+            file's own); for a list of records, their names (``classes[i]`` has id ``i + 1``).
         bands: 1-based bands to read (default: all).
         transform: augmentation ``(image, target, generator) -> (image, target)``.
         fill_values: per-band value for nodata/padding pixels.
@@ -247,11 +248,10 @@ class ChipDataset(_DetectionDataset):
 
     def __init__(self, source: str | os.PathLike[str] | list[ImageRecord], *, split: str | None = None,
                  classes: Sequence[str] | None = None, bands: Sequence[int] | None = None,
-                 transform: Callable | None = None, fill_values: Sequence[float] | None = None,
-                 class_names: Sequence[str] | None = None):
+                 transform: Callable | None = None, fill_values: Sequence[float] | None = None):
         super().__init__(transform=transform, fill_values=fill_values)
         if isinstance(source, list):
-            records, names = source, list(class_names or classes or [])
+            records, names = source, list(classes or [])
         else:
             records, names = load_coco(source, classes=classes)
         self.records = [r for r in records if split is None or r.split == split]

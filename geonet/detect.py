@@ -37,11 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from affine import Affine
 from rasterio.windows import Window
 from torchvision.models.detection.image_list import ImageList
 
 import geonet
 from geonet.checkpoint import file_sha256, load_checkpoint
+from geonet.chip import crs_label
 from geonet.errors import GeonetError, InputError
 from geonet.georef import pixel_boxes_to_polygons
 from geonet.merge import Detections, SeamMerger, TileGrid
@@ -372,7 +374,7 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
     sha = det.sha256
     meta = {
         "geonet_version": geonet.__version__, "model": det.path, "model_sha256": sha, "classes": det.classes,
-        "scene": str(path), "scene_crs": info.crs and (f"EPSG:{info.epsg}" if info.epsg else "custom"),
+        "scene": str(path), "scene_crs": crs_label(info),
         "scene_gsd_m": info.gsd_mean, "train_gsd_m": det.ckpt.get("gsd"), "resample_scale": plan.scale,
         "tile_px": grid.tile, "overlap_px": plan.overlap, "score_thresh": float(det.model.score_thresh),
         "model_nms_iou": float(det.model.nms_thresh), "merge_iou": cfg.merge_iou, "device": det.device.type,
@@ -384,8 +386,8 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
         boxes = d.boxes * plan.scale  # detection frame -> scene pixels
         if preview is not None:
             preview.add_boxes(d.boxes)
-        polys = pixel_boxes_to_polygons(boxes, info.transform) if info.crs else \
-            pixel_boxes_to_polygons(boxes, _identity())
+        # without a CRS (--allow-no-crs) the "map" frame is the pixel frame itself
+        polys = pixel_boxes_to_polygons(boxes, info.transform if info.crs else Affine.identity())
         return FeatureBatch(geometries=polys, labels=[det.classes[int(k) - 1] for k in d.labels],
                             class_ids=d.labels, scores=d.scores, scene=scene_name, model=det.model_id)
 
@@ -417,19 +419,13 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
         if len(final):
             yield to_features(final)
 
-    crs = None if info.crs is None else (f"EPSG:{info.epsg}" if info.epsg else info.crs)
+    crs = crs_label(info)
     write_features(output, stream(), crs=crs, metadata=meta, classes=det.classes, precision=cfg.coord_precision)
     res.max_boxes_held = merger.max_held
     if preview is not None:
         res.preview = str(preview.save(cfg.preview))
     res.seconds = time.perf_counter() - t_start
     return res
-
-
-def _identity():
-    from affine import Affine
-
-    return Affine.identity()
 
 
 class _PreviewCanvas:

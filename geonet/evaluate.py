@@ -206,7 +206,7 @@ def group_images(pred_boxes: np.ndarray, truth_boxes: np.ndarray, *, max_predict
     Returns:
         ``(pred_image_ids, truth_image_ids)``: int arrays, ids from 1.
     """
-    n_p, n_t = len(pred_boxes), len(truth_boxes)
+    n_p = len(pred_boxes)
     allb = np.concatenate([pred_boxes, truth_boxes]).reshape(-1, 4)
     parent = np.arange(len(allb))
 

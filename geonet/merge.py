@@ -36,7 +36,7 @@ one object overlapping across two seams, which the tests never produce.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np

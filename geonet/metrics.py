@@ -118,10 +118,3 @@ def coco_metrics(gt: dict, detections: Sequence[dict], *, iou_thresholds: Sequen
     if keep_eval:
         out["_eval"] = ev
     return out
-
-
-def stats_like_summarize(ev: COCOeval) -> list[float]:
-    """pycocotools' own ``COCOeval.summarize()`` numbers (``ev.stats``), silently."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev.summarize()
-    return [float(v) for v in ev.stats]

@@ -473,11 +473,3 @@ def _load_geonet(model: GeoRetinaNet, ckpt: dict, cfg: ModelConfig) -> None:
         raise InputError("--weights: the geonet checkpoint's backbone does not fit "
                          f"--backbone {cfg.backbone} with {cfg.in_channels} band(s).")
     model.load_state_dict(keep, strict=False)
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(total, trainable)`` parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
-

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -348,8 +348,3 @@ def valid_mask(data: np.ndarray, nodata: float | None) -> np.ndarray:
 def window_tuple(window: Window) -> tuple[int, int, int, int]:
     """``(col_off, row_off, width, height)`` of a window as ints."""
     return (int(window.col_off), int(window.row_off), int(window.width), int(window.height))
-
-
-def iter_infos(paths: Iterable[Path], *, bands=None, nodata=None) -> list[RasterInfo]:
-    """:func:`describe_raster` for each path."""
-    return [describe_raster(p, bands=bands, nodata=nodata) for p in paths]

@@ -287,8 +287,8 @@ def prepare_data(cfg: TrainConfig) -> TrainData:
             tr, va = _split_records(records, cfg.val_fraction, cfg.seed)
         if not tr:
             raise InputError("no training images.", path=cfg.chips or cfg.coco or cfg.voc)
-        train = ChipDataset(tr, class_names=classes, bands=cfg.bands)
-        val = ChipDataset(va, class_names=classes, bands=cfg.bands) if va else None
+        train = ChipDataset(tr, classes=classes, bands=cfg.bands)
+        val = ChipDataset(va, classes=classes, bands=cfg.bands) if va else None
         info0 = train.info(0)
         dtype, nodata, bands = info0.dtype, info0.nodata, list(info0.bands)
         if info0.gsd and info0.crs:

@@ -37,7 +37,6 @@ import numpy as np
 import pyarrow as pa
 import pyogrio
 import shapely
-from pyproj import CRS
 
 from geonet.atomic import atomic_file
 from geonet.errors import InputError
@@ -251,12 +250,3 @@ def embed_style(gpkg: str | os.PathLike[str], layer: str, qml: str) -> None:
                 VALUES ('layer_styles', 'attributes', 'layer_styles')""")
     finally:
         con.close()
-
-
-def crs_string(crs: CRS | str | None) -> str | None:
-    if crs is None:
-        return None
-    c = CRS.from_user_input(crs)
-    e = c.to_epsg()
-    return f"EPSG:{e}" if e else c.to_wkt()
-

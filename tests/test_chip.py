@@ -145,7 +145,6 @@ def test_block_split_never_shares_ground(tmp_path):
 
 def test_raster_split_groups_overlapping(tmp_path):
     rasters = []
-    lab = None
     import geopandas as gpd
     frames = []
     for k in range(5):

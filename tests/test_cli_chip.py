@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-import rasterio
 from click.testing import CliRunner
 
 from geonet.cli.main import cli

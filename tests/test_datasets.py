@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -73,7 +72,7 @@ def test_coco_remap_and_crowd(tmp_path):
     assert names == ["pool", "car"]  # ordered by category id, remapped to 1..K
     assert recs[0].labels.tolist() == [2] and recs[0].boxes.tolist() == [[1, 2, 4, 6]]
     assert recs[0].ignore.tolist() == [[5, 5, 7, 7]]
-    ds = ChipDataset(recs, class_names=names)
+    ds = ChipDataset(recs, classes=names)
     im, t = ds[0]
     assert im.shape == (3, 20, 30)
 

@@ -9,8 +9,6 @@ against known ground truth, without training a model.
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import geopandas as gpd
@@ -24,7 +22,7 @@ from click.testing import CliRunner
 
 from geonet.checkpoint import save_checkpoint
 from geonet.cli.main import cli
-from geonet.detect import DetectConfig, Detector, detect, detect_scene, plan_scene
+from geonet.detect import DetectConfig, Detector, detect_scene, plan_scene
 from geonet.georef import geometries_to_pixel, pixel_boxes_to_polygons
 from geonet.merge import TileGrid
 from geonet.model import ModelConfig, build_model

@@ -1,7 +1,5 @@
 """Training: checkpoints, resume, faults. Tiny synthetic scenes, resnet18 at 64-128 px."""
 
-import hashlib
-import json
 import os
 import signal
 import subprocess
