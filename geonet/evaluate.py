@@ -122,6 +122,9 @@ def _read_predictions(paths: Sequence[str], cfg: EvalConfig, metric) -> tuple[_L
             raise InputError(f"is not a vector file OGR can read ({' '.join(str(exc).split())[:120]}).", path=p,
                              fix="pass the output of `geonet detect` or another OGR file with a score field.") from None
         fields = [str(f) for f in info["fields"]]
+        if info["features"] == 0:  # an empty GeoJSON carries no field names at all
+            footprints.extend(_scene_footprints(p, info, metric))
+            continue
         if cfg.score_field not in fields:
             raise InputError(f"has no score field {cfg.score_field!r} (fields: {', '.join(fields) or 'none'}).",
                              path=p, fix="pass --score-field with the field that holds detection scores.")
@@ -138,6 +141,9 @@ def _read_predictions(paths: Sequence[str], cfg: EvalConfig, metric) -> tuple[_L
         geoms.append(g[ok])
         src.append(np.full(int(ok.sum()), str(p), dtype=object))
         footprints.extend(_scene_footprints(p, info, metric))
+    if not boxes:
+        return _Layer(np.zeros((0, 4)), np.zeros(0, object), np.zeros(0), np.zeros(0, object), np.zeros(0, object)), \
+            footprints
     layer = _Layer(np.concatenate(boxes).reshape(-1, 4), np.concatenate(names), np.concatenate(scores),
                    np.concatenate(geoms), np.concatenate(src))
     return layer, footprints
@@ -394,16 +400,20 @@ def evaluate(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_dir: s
             return np.zeros(0, bool)
         return shapely.contains_xy(aoi, (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
 
-    tin, pin = inside(tboxes), inside(preds.boxes)
-    overlap = False
-    if pin.any() and tin.any():
-        tree = shapely.STRtree(shapely.box(*tboxes[tin].T))
-        overlap = len(tree.query(shapely.box(*preds.boxes[pin].T), predicate="intersects")[0]) > 0
-    if not overlap:
+    def extent(b):
+        return shapely.box(b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max())
+
+    if len(preds.boxes) and not shapely.intersects(extent(preds.boxes), extent(tboxes)):
         raise InputError(
             f"the predictions and the truth do not overlap: predictions {_extent_ll(preds.boxes, metric)}, truth "
-            f"{_extent_ll(tboxes, metric)} (AOI: {aoi_desc}).",
+            f"{_extent_ll(tboxes, metric)}.",
             fix="check that both cover the same imagery; a wrong CRS on either file is the usual cause.")
+    tin, pin = inside(tboxes), inside(preds.boxes)
+    if not tin.any():
+        raise InputError(f"no truth object lies inside the AOI ({aoi_desc}): truth {_extent_ll(tboxes, metric)}.",
+                         fix="pass --aoi polygons that cover the truth, or check the CRS of the truth.")
+    if len(preds.boxes) == 0 or not pin.any():
+        log.warning("no prediction inside the AOI: every metric is 0")
     pb, ps, pn = preds.boxes[pin], preds.scores[pin], pnames[pin]
     tb, tn = tboxes[tin], tnames[tin]
     pimg, timg = group_images(pb, tb)

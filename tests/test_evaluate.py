@@ -214,3 +214,28 @@ def test_group_images_never_splits_overlaps():
     assert (img[a] == img[c]).all()
     sizes = np.bincount(pi)
     assert len(sizes) > 20  # really split into many images
+
+
+def test_empty_predictions_score_zero(tmp_path):
+    truth, boxes = _truth_and_preds(tmp_path)
+    truth.to_file(tmp_path / "truth.gpkg")
+    p = _write_preds(tmp_path / "empty.geojson", np.zeros((0, 4)), np.zeros(0))
+    rep = evaluate([str(p)], str(tmp_path / "truth.gpkg"), EvalConfig(), tmp_path / "rep")
+    assert rep.metrics["AP"] == 0.0 and rep.operating["fn"] == len(boxes) and rep.operating["tp"] == 0
+
+
+def test_cli_detect_then_evaluate(tmp_path):
+    from test_detect import make_ckpt, scene
+
+    ck = make_ckpt(tmp_path / "m.pt")
+    objects = np.array([[10.0, 10, 30, 30], [100, 120, 140, 150]])
+    s = scene(tmp_path, objects, 256, 256)
+    from geonet.georef import pixel_boxes_to_polygons
+    from affine import Affine
+    polys = pixel_boxes_to_polygons(objects, Affine(0.1, 0, 500000, 0, -0.1, 4500000))
+    gpd.GeoDataFrame({"kind": ["thing"] * 2}, geometry=list(polys), crs="EPSG:32618").to_file(tmp_path / "t.gpkg")
+    res = CliRunner().invoke(cli, ["evaluate", "--model", str(ck), "--imagery", str(s), "--truth",
+                                   str(tmp_path / "t.gpkg"), "-o", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep-detections" / "scene.geojson").exists()
+    assert "2 truth objects" in res.output
