@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
-from rasterio.errors import RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from geonet.errors import InputError, RunError
@@ -79,7 +80,10 @@ def open_raster(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
     if not p.exists() and "://" not in str(path) and not str(path).startswith("/vsi"):
         raise InputError("no such file.", path=path, fix="check the path.")
     try:
-        return rasterio.open(path)
+        with warnings.catch_warnings():
+            # plain PNG/JPEG image sets (COCO, VOC) have no georeferencing; callers check info.crs
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
     except RasterioIOError as exc:
         msg = str(exc)
         if "not recognized as" in msg or "not a supported file format" in msg or "NotSupported" in msg:

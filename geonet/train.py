@@ -680,6 +680,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         try:
             trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
                         ckpt_path=str(run / "last.ckpt") if resume else None, weights_only=True)

@@ -216,3 +216,30 @@ def test_detector_learns_synthetic_objects(tmp_path):
     loss = df.dropna(subset=["train/loss_epoch"])["train/loss_epoch"].to_numpy()
     assert loss[-3:].mean() < 0.7 * loss[:2].mean()
     assert res.best_metrics["AP50"] > 0.3
+
+
+def test_train_from_chip_folder_and_voc(scenes):
+    tmp, rasters, labels = scenes
+    res = CliRunner().invoke(cli, ["chip", "--imagery", rasters[0], "--imagery", rasters[1], "--labels", labels,
+                                   "-o", str(tmp / "chips"), "--size", "64", "--split", "val=0.5"])
+    assert res.exit_code == 0, res.output
+    r = train(TrainConfig(output=str(tmp / "from_chips"), chips=str(tmp / "chips"), backbone="resnet18", epochs=1,
+                          batch_size=2, limit_train_batches=1, anchor_sizes=[16, 32, 64, 128, 256]), progress=False)
+    assert r.n_val > 0 and read_checkpoint(tmp / "from_chips" / "best.pt")["chip_size"] == 64
+    # Pascal VOC (not georeferenced): PNG + XML
+    from PIL import Image
+    voc = tmp / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        img = rng.integers(0, 80, (96, 96, 3)).astype(np.uint8)
+        img[20:50, 30:60] = 230
+        Image.fromarray(img).save(voc / "JPEGImages" / f"i{k}.png")
+        (voc / "Annotations" / f"i{k}.xml").write_text(
+            f"<annotation><filename>i{k}.png</filename><object><name>pool</name><bndbox><xmin>31</xmin>"
+            "<ymin>21</ymin><xmax>60</xmax><ymax>50</ymax></bndbox></object></annotation>")
+    r = train(TrainConfig(output=str(tmp / "from_voc"), voc=str(voc), backbone="resnet18", epochs=1, batch_size=2,
+                          anchor_sizes=[16, 32, 64, 128, 256], val_fraction=0.25), progress=False)
+    ck = read_checkpoint(tmp / "from_voc" / "best.pt")
+    assert ck["classes"] == ["pool"] and ck["gsd"] is None and r.n_val == 1
