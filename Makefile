@@ -40,8 +40,8 @@ test: $(STAMP)
 clean:
 	rm -rf $(DEMO) .pytest_cache
 
-# Peers for bench/seam_bench.py only (SAHI, DeepForest), in their own virtual environment.
+# Peers for bench/seam_bench.py and bench/torchgeo_labels_bench.py only (SAHI, DeepForest, TorchGeo), in their own venv.
 bench-peers: $(STAMP)
 	$(PYTHON) -m venv bench/.venv-peers
-	bench/.venv-peers/bin/python -m pip install --quiet sahi deepforest pyarrow pyogrio pycocotools
+	bench/.venv-peers/bin/python -m pip install --quiet sahi deepforest torchgeo==0.8.1 requests pyarrow pyogrio pycocotools
 	bench/.venv-peers/bin/python -m pip install --quiet --no-deps -e .
