@@ -10,7 +10,8 @@ A geonet checkpoint is a ``torch.save`` of a dict of plain data and tensors only
 * ``bands`` (1-based band indexes read from the rasters, in order), ``dtype``, ``nodata``;
 * ``gsd``: training GSD in metres ``[x, y]`` (median over training rasters, ``None`` if not georeferenced);
 * ``chip_size``: training chip side in pixels;
-* ``box_stats``: percentiles of training box width/height/side in pixels (for the default detection overlap);
+* ``box_stats`` / ``box_stats_m``: percentiles (0, 5, 50, 95, 100) of training box width/height/side in
+  pixels and in metres (the default detection overlap is the largest box);
 * ``train_config``: the resolved training options; ``metrics``: the validation metrics of this epoch;
 * ``epoch``; ``state_dict``: the model weights.
 """

@@ -224,8 +224,14 @@ def plan_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig) -
     frame_gsd = scene_gsd * scale if scene_gsd else None
     ov = parse_overlap(cfg.overlap)
     if ov is None:
+        # the largest training box, in metres through the detection frame's GSD when both are known
+        # (training rasters may have had several GSDs), else in training pixels
+        stats_m = ck.get("box_stats_m") or {}
         stats = ck.get("box_stats") or {}
-        largest = max((stats.get("width") or [0])[-1], (stats.get("height") or [0])[-1])
+        if stats_m and frame_gsd:
+            largest = max(stats_m["width"][-1], stats_m["height"][-1]) / frame_gsd
+        else:
+            largest = max((stats.get("width") or [0])[-1], (stats.get("height") or [0])[-1])
         overlap = int(math.ceil(largest)) if largest else tile // 8
         if overlap >= tile // 2:
             warnings.append(f"the largest training box ({largest:.0f} px) is at least half the tile; overlap capped "

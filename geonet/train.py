@@ -199,10 +199,12 @@ class TrainData:
     n_degenerate: int
     box_stats: dict
     train_boxes: np.ndarray  # [N, 4] chip-frame boxes, for anchor fitting
+    box_stats_m: dict = field(default_factory=dict)
 
     def meta(self) -> dict:
         return {"classes": self.classes, "bands": self.bands, "dtype": self.dtype, "nodata": self.nodata,
-                "gsd": self.gsd, "chip_size": self.chip_size, "box_stats": self.box_stats}
+                "gsd": self.gsd, "chip_size": self.chip_size, "box_stats": self.box_stats,
+                "box_stats_m": self.box_stats_m}
 
 
 def _targets_of(ds) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -314,12 +316,25 @@ def prepare_data(cfg: TrainConfig) -> TrainData:
     if val is not None and len(val) == 0:
         val = None
     wh = np.column_stack([train_boxes[:, 2] - train_boxes[:, 0], train_boxes[:, 3] - train_boxes[:, 1]])
+    # sizes in metres, through each image's own GSD (rasters of several GSDs train together)
+    gsds = [_sample_gsd(train, i) for i in range(len(targets))]
+    wh_m = [np.column_stack([b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]]) * np.asarray(g)
+            for (b, _, _), g in zip(targets, gsds) if g is not None and len(b)]
     from geonet.check import box_size_stats
 
     return TrainData(train=train, val=val, classes=classes, in_channels=len(bands) if bands else 3,
                      bands=bands, dtype=dtype, nodata=nodata, gsd=gsd, chip_size=int(chip_size),
                      val_gt=_gt_coco(val, classes) if val is not None else None, n_train_boxes=len(train_boxes),
-                     n_degenerate=n_degenerate, box_stats=box_size_stats(wh), train_boxes=train_boxes)
+                     n_degenerate=n_degenerate, box_stats=box_size_stats(wh), train_boxes=train_boxes,
+                     box_stats_m=box_size_stats(np.concatenate(wh_m)) if wh_m else {})
+
+
+def _sample_gsd(ds, i: int) -> tuple[float, float] | None:
+    """GSD ``(x, y)`` in metres of sample ``i`` (``None`` when not georeferenced)."""
+    if isinstance(ds, RasterWindowDataset):
+        return ds.info(i).gsd
+    g = ds.records[i].meta.get("gsd")
+    return tuple(g) if g else None
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -51,10 +51,11 @@ def test_run_folder_and_self_describing_checkpoint(scenes):
     assert list((run / "tb").glob("events.*"))
     ck = read_checkpoint(run / "best.pt")  # weights_only=True inside
     for key in ("classes", "bands", "dtype", "nodata", "gsd", "chip_size", "model_config", "train_config",
-                "geonet_version", "box_stats", "metrics"):
+                "geonet_version", "box_stats", "box_stats_m", "metrics"):
         assert key in ck, key
     assert ck["classes"] == ["labels"] and ck["bands"] == [1, 2, 3] and ck["dtype"] == "uint8"
     assert ck["gsd"] == pytest.approx([0.1, 0.1], rel=1e-3) and ck["chip_size"] == 64
+    assert ck["box_stats_m"]["side"][-1] == pytest.approx(ck["box_stats"]["side"][-1] * 0.1, rel=1e-2)
     assert len(ck["model_config"]["mean"]) == 3 and ck["model_config"]["anchor_sizes"][0] == 16
     model, meta = load_checkpoint(run / "best.pt")  # detection needs nothing else
     assert not model.training and meta["classes"] == ["labels"]
