@@ -50,7 +50,7 @@ from geonet.raster import RasterInfo, RasterSource
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChipConfig", "ChipSpec", "ChipPlan", "window_offsets", "plan_chips", "write_chips", "crs_label"]
+__all__ = ["ChipConfig", "ChipSpec", "ChipPlan", "window_offsets", "plan_chips", "write_chips", "crs_label", "connected_components"]
 
 
 @dataclass
@@ -174,25 +174,25 @@ def _footprint_4326(info: RasterInfo):
 
 
 def footprint_groups(infos: Sequence[RasterInfo]) -> list[list[int]]:
-    """Group rasters whose footprints overlap with positive area (union-find), in input order."""
-    fps = [_footprint_4326(i) for i in infos]
-    parent = list(range(len(infos)))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    tree = shapely.STRtree(fps)
-    for i, fp in enumerate(fps):
-        for j in tree.query(fp, predicate="intersects"):
-            if j != i and shapely.area(shapely.intersection(fp, fps[j])) > 1e-6 * min(fp.area, fps[j].area):
-                parent[find(i)] = find(int(j))
+    """Group rasters whose footprints overlap with positive area (connected components), in input order."""
+    fps = np.array([_footprint_4326(i) for i in infos], dtype=object)
+    a, b = shapely.STRtree(fps).query(fps, predicate="intersects")
+    inter = shapely.area(shapely.intersection(fps[a], fps[b]))
+    real = (a != b) & (inter > 1e-6 * np.minimum(shapely.area(fps[a]), shapely.area(fps[b])))
+    labels = connected_components(len(infos), a[real], b[real])
     groups: dict[int, list[int]] = {}
-    for i in range(len(infos)):
-        groups.setdefault(find(i), []).append(i)
+    for i, g in enumerate(labels.tolist()):
+        groups.setdefault(g, []).append(i)
     return list(groups.values())
+
+
+def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Component label of each of ``n`` nodes linked by edges ``(i[k], j[k])`` (scipy's csgraph)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components as cc
+
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (np.asarray(i), np.asarray(j))), shape=(n, n))
+    return cc(graph, directed=False)[1]
 
 
 def _blocks_for_group(infos: Sequence[RasterInfo], group: list[int], block_px: int | None, size: int):

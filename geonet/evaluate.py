@@ -43,6 +43,7 @@ import shapely
 from pyproj import CRS
 
 from geonet.atomic import atomic_dir, check_output_dir
+from geonet.chip import connected_components
 from geonet.errors import InputError
 from geonet.georef import to_crs, utm_crs_for
 from geonet.labels import read_labels
@@ -214,26 +215,11 @@ def group_images(pred_boxes: np.ndarray, truth_boxes: np.ndarray, *, max_predict
     """
     n_p = len(pred_boxes)
     allb = np.concatenate([pred_boxes, truth_boxes]).reshape(-1, 4)
-    parent = np.arange(len(allb))
-
-    def find(i):
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:
-            parent[i], i = root, parent[i]
-        return root
-
-    if len(allb):
-        tree = shapely.STRtree(shapely.box(*allb.T))
-        a, b = tree.query(shapely.box(*allb[:n_p].T) if n_p else np.array([], object), predicate="intersects")
-        for i, j in zip(a.tolist(), b.tolist()):
-            ri, rj = find(i), find(j)
-            if ri != rj:
-                parent[ri] = rj
-    roots = np.array([find(i) for i in range(len(allb))], dtype=np.int64)
+    a = b = np.zeros(0, dtype=np.int64)
+    if n_p:
+        a, b = shapely.STRtree(shapely.box(*allb.T)).query(shapely.box(*allb[:n_p].T), predicate="intersects")
     comps: dict[int, list[int]] = {}
-    for i, r in enumerate(roots.tolist()):
+    for i, r in enumerate(connected_components(len(allb), a, b).tolist()):
         comps.setdefault(r, []).append(i)
     order = sorted(comps.values(), key=lambda m: (allb[m, 0].min(), allb[m, 1].min()))
     image = np.zeros(len(allb), dtype=np.int64)

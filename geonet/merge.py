@@ -44,7 +44,7 @@ import shapely
 import torch
 from torchvision.ops import batched_nms
 
-from geonet.chip import window_offsets
+from geonet.chip import connected_components, window_offsets
 
 __all__ = ["TileGrid", "SeamMerger", "Detections"]
 
@@ -344,27 +344,15 @@ class SeamMerger:
         allb = np.concatenate([pb, nb]) if len(nb) else pb
         alls = np.concatenate([ps, ns]) if len(nb) else ps
         alll = np.concatenate([pl, nl]) if len(nb) else pl
-        n = len(allb)
-        parent = list(range(n))
-
-        def find(i):
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
         tree = shapely.STRtree(shapely.box(*allb.T))
         a, b = tree.query(shapely.box(*allb.T), predicate="intersects")
-        for i, j in zip(a.tolist(), b.tolist()):
-            if i >= j or alll[i] != alll[j]:
-                continue
-            ix = _iou_1d(allb[i, 0], allb[i, 2], allb[j, 0], allb[j, 2])
-            iy = _iou_1d(allb[i, 1], allb[i, 3], allb[j, 1], allb[j, 3])
-            if max(ix, iy) >= 0.5:
-                parent[find(i)] = find(j)
+        keep = (a < b) & (alll[a] == alll[b])
+        a, b = a[keep], b[keep]
+        seam = np.maximum(_iou_1d(allb[a, 0], allb[a, 2], allb[b, 0], allb[b, 2]),
+                          _iou_1d(allb[a, 1], allb[a, 3], allb[b, 1], allb[b, 3])) >= 0.5
         groups: dict[int, list[int]] = {}
-        for i in range(n):
-            groups.setdefault(find(i), []).append(i)
+        for i, g in enumerate(connected_components(len(allb), a[seam], b[seam]).tolist()):
+            groups.setdefault(g, []).append(i)
         out_b, out_s, out_l, used_next = [], [], [], []
         for members in groups.values():
             if not any(m < len(pb) for m in members):
