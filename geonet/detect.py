@@ -314,6 +314,18 @@ class _TileBatches(torch.utils.data.Dataset):
         return {"data": torch.from_numpy(stack), "tiles": kept, "skipped": skipped}
 
 
+def _reader_init(_worker_id: int) -> None:
+    """Reader workers decode each block once per batch (block-aligned reads), so a large GDAL block
+    cache buys nothing there; cap it so that peak memory does not grow with the number of workers."""
+    from rasterio.env import set_gdal_config
+
+    set_gdal_config("GDAL_CACHEMAX", READER_CACHE_MB)
+
+
+#: GDAL block cache of each reader worker, in MiB.
+READER_CACHE_MB = 128
+
+
 def _fill_values(det: Detector, dtype: str) -> np.ndarray:
     mean = np.asarray(det.ckpt["model_config"]["mean"], dtype=np.float64)
     if np.issubdtype(np.dtype(dtype), np.integer):
@@ -374,7 +386,7 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
     dataset = _TileBatches(plan, batches, _fill_values(det, info.dtype))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                                          pin_memory=cuda, prefetch_factor=4 if workers else None,
-                                         persistent_workers=False)
+                                         persistent_workers=False, worker_init_fn=_reader_init)
     merger = SeamMerger(grid, iou_threshold=cfg.merge_iou, device=det.device)
     preview = _PreviewCanvas(grid, info) if cfg.preview else None
     sha = det.sha256

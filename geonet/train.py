@@ -8,6 +8,7 @@ VOC image sets. The model is :func:`geonet.model.build_model`.
 Run folder (``-o runs/NAME``):
 
 * ``config.yaml``: the resolved options; ``model_config.json``: the model's configuration;
+  ``split.json``: the images and windows of the train and val splits;
 * ``last.ckpt``: Lightning's resumable checkpoint (model, optimizer, schedule, loop state), written
   atomically at the end of every epoch, and once before the first step, so a run stopped at any point
   (Ctrl-C included) can continue with ``--resume``;
@@ -327,6 +328,21 @@ def prepare_data(cfg: TrainConfig) -> TrainData:
                      val_gt=_gt_coco(val, classes) if val is not None else None, n_train_boxes=len(train_boxes),
                      n_degenerate=n_degenerate, box_stats=box_size_stats(wh), train_boxes=train_boxes,
                      box_stats_m=box_size_stats(np.concatenate(wh_m)) if wh_m else {})
+
+
+def split_listing(data: TrainData) -> dict:
+    """``{"train": [...], "val": [...]}``: the images (and windows) of each split, for ``split.json``."""
+    out = {}
+    for name, ds in (("train", data.train), ("val", data.val)):
+        if ds is None:
+            out[name] = []
+        elif isinstance(ds, RasterWindowDataset):
+            out[name] = [{"source": str(Path(ds.info(i).path).resolve()), "window": list(ds.specs[i].window)}
+                         for i in range(len(ds))]
+        else:
+            out[name] = [{"source": r.meta.get("source", r.path), "image": r.path, "window": r.meta.get("window")}
+                         for r in ds.records]
+    return out
 
 
 def _sample_gsd(ds, i: int) -> tuple[float, float] | None:
@@ -650,6 +666,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if not resume:
         with atomic_file(run / "config.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        with atomic_file(run / "split.json") as tmp:
+            tmp.write_text(json.dumps(split_listing(data), indent=1))
         with atomic_file(run / "model_config.json") as tmp:
             tmp.write_text(json.dumps(model_cfg.to_dict(), indent=2))
 

@@ -1,5 +1,6 @@
 """Training: checkpoints, resume, faults. Tiny synthetic scenes, resnet18 at 64-128 px."""
 
+import json
 import os
 import signal
 import subprocess
@@ -46,7 +47,7 @@ def test_run_folder_and_self_describing_checkpoint(scenes):
     res = train(_cfg(tmp, rasters, labels), progress=False)
     run = Path(res.run_dir)
     for f in ("best.pt", "last.pt", "last.ckpt", "config.yaml", "model_config.json", "metrics.csv", "curves.png",
-              "summary.json"):
+              "summary.json", "split.json"):
         assert (run / f).exists(), f
     assert list((run / "tb").glob("events.*"))
     ck = read_checkpoint(run / "best.pt")  # weights_only=True inside
@@ -59,6 +60,8 @@ def test_run_folder_and_self_describing_checkpoint(scenes):
     assert len(ck["model_config"]["mean"]) == 3 and ck["model_config"]["anchor_sizes"][0] == 16
     model, meta = load_checkpoint(run / "best.pt")  # detection needs nothing else
     assert not model.training and meta["classes"] == ["labels"]
+    split = json.loads((run / "split.json").read_text())
+    assert {s["source"] for s in split["train"]}.isdisjoint({s["source"] for s in split["val"]}) and split["val"]
     df = pd.read_csv(run / "metrics.csv")
     assert "val/AP" in df and "val/AP50" in df and "train/loss_epoch" in df
 
