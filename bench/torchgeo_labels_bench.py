@@ -22,7 +22,6 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "neon-trees"
 
 def main() -> None:
     from torchgeo.datasets import VectorDataset
-    from torchgeo.datasets.utils import GeoSlice  # noqa: F401  (0.8 slicing API)
 
     from geonet.labels import LabelIndex, label_window, read_labels
     from geonet.raster import describe_raster

@@ -1,8 +1,12 @@
 """Evaluation: COCO-style AP in map space against vector ground truth (``geonet evaluate``).
 
 Predictions (any vector file geonet writes, or any OGR file with a score field) and ground truth
-(any OGR file, any CRS) are reprojected to one metric CRS -- the local UTM zone of the truth, unless
-``crs`` says otherwise -- and compared as their envelopes (axis-aligned boxes in metres) there.
+(any OGR file, any CRS) are compared as their envelopes (axis-aligned boxes in metres) in a metric
+CRS: the local WGS 84 / UTM zone of each object (the zone of its centre), unless ``crs`` names one
+CRS for everything. Sites far apart (NEON plots span UTM zones 11 to 18) are each measured in their
+own zone -- one common zone would rotate distant boxes by the grid convergence (14 degrees 20
+degrees of longitude away at 45 N) and inflate their envelopes -- and boxes of different zones are
+never compared with each other.
 
 * **AOI.** Only ground truth whose centre lies inside the area of interest counts, and only
   predictions whose centre lies inside it are scored. Default AOI: the footprint of the imagery the
@@ -20,8 +24,8 @@ Predictions (any vector file geonet writes, or any OGR file with a score field) 
   counts, from COCOeval's own greedy matching.
 
 Outputs in ``out_dir``: ``report.json``, ``report.md``, ``pr_<class>.png`` (precision-recall curve
-per class at ``iou``) and ``inspection.gpkg`` with layers ``tp``, ``fp`` and ``fn`` (in the metric CRS)
-to inspect in QGIS.
+per class at ``iou``) and ``inspection.gpkg`` with layers ``tp``, ``fp`` and ``fn`` (in the metric CRS,
+or in EPSG:4326 when objects span several UTM zones) to inspect in QGIS.
 
 A COCO pair (ground truth ``annotations.json`` of chips + a COCO results list of detections) is
 evaluated in pixel space with the same code (:func:`evaluate_coco`).
@@ -45,7 +49,7 @@ from pyproj import CRS
 from geonet.atomic import atomic_dir, check_output_dir
 from geonet.chip import connected_components
 from geonet.errors import InputError
-from geonet.georef import to_crs, utm_crs_for
+from geonet.georef import to_crs
 from geonet.labels import read_labels
 from geonet.metrics import coco_metrics
 
@@ -105,15 +109,49 @@ def parse_class_map(items: Sequence[str]) -> dict[str, str]:
 
 @dataclass
 class _Layer:
-    boxes: np.ndarray  # [N, 4] xmin, ymin, xmax, ymax in the metric CRS
+    boxes: np.ndarray  # [N, 4] xmin, ymin, xmax, ymax in metres, in each object's metric CRS
+    zones: np.ndarray  # [N] metric CRS of each object ("EPSG:n" or the --crs text)
+    ll: np.ndarray  # [N, 2] lon/lat of each object's centre
     names: np.ndarray  # [N] class names
     scores: np.ndarray  # [N] (1 for truth)
-    geoms: np.ndarray  # [N] original geometries in the metric CRS
-    source: np.ndarray  # [N] file of each feature
+
+    @staticmethod
+    def empty() -> _Layer:
+        return _Layer(np.zeros((0, 4)), np.zeros(0, object), np.zeros((0, 2)), np.zeros(0, object), np.zeros(0))
+
+    @staticmethod
+    def cat(parts: list[_Layer]) -> _Layer:
+        if not parts:
+            return _Layer.empty()
+        return _Layer(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("boxes", "zones", "ll", "names",
+                                                                                  "scores")))
 
 
-def _read_predictions(paths: Sequence[str], cfg: EvalConfig, metric) -> tuple[_Layer, list]:
-    boxes, names, scores, geoms, src, footprints = [], [], [], [], [], []
+def _utm_zone(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """``"EPSG:326zz"`` / ``"EPSG:327zz"``: the WGS 84 / UTM zone of each lon/lat (standard 6-degree zones)."""
+    zone = (np.floor((np.asarray(lon) + 180.0) / 6.0).astype(int) % 60) + 1
+    base = np.where(np.asarray(lat) >= 0, 32600, 32700)
+    return np.array([f"EPSG:{b + z}" for b, z in zip(base, zone)], dtype=object)
+
+
+def _to_metric(geoms: np.ndarray, crs, fixed: CRS | None) -> _Layer:
+    """Envelopes in metres of ``geoms`` (in ``crs``), each in its local UTM zone or in ``fixed``."""
+    g = np.asarray(geoms, dtype=object)
+    ok = ~(shapely.is_missing(g) | shapely.is_empty(g))
+    g = g[ok]
+    ll = shapely.get_coordinates(to_crs(shapely.centroid(g), crs, "EPSG:4326")).reshape(-1, 2)
+    zones = np.full(len(g), fixed.to_string(), dtype=object) if fixed is not None else _utm_zone(ll[:, 0], ll[:, 1])
+    boxes = np.zeros((len(g), 4))
+    for z in np.unique(zones):
+        sel = zones == z
+        boxes[sel] = shapely.bounds(to_crs(g[sel], crs, z))
+    layer = _Layer(boxes, zones, ll, np.zeros(len(g), object), np.ones(len(g)))
+    layer.ok = ok  # type: ignore[attr-defined]
+    return layer
+
+
+def _read_predictions(paths: Sequence[str], cfg: EvalConfig, fixed: CRS | None) -> tuple[_Layer, list]:
+    parts, footprints = [], []
     for p in paths:
         if not Path(p).exists():
             raise InputError("no such predictions file.", path=p, fix="check the path.")
@@ -123,8 +161,8 @@ def _read_predictions(paths: Sequence[str], cfg: EvalConfig, metric) -> tuple[_L
             raise InputError(f"is not a vector file OGR can read ({' '.join(str(exc).split())[:120]}).", path=p,
                              fix="pass the output of `geonet detect` or another OGR file with a score field.") from None
         fields = [str(f) for f in info["fields"]]
+        footprints.extend(_scene_footprints(p, info))
         if info["features"] == 0:  # an empty GeoJSON carries no field names at all
-            footprints.extend(_scene_footprints(p, info, metric))
             continue
         if cfg.score_field not in fields:
             raise InputError(f"has no score field {cfg.score_field!r} (fields: {', '.join(fields) or 'none'}).",
@@ -133,25 +171,17 @@ def _read_predictions(paths: Sequence[str], cfg: EvalConfig, metric) -> tuple[_L
             raise InputError("the predictions have no CRS.", path=p, fix="assign one with ogr2ogr -a_srs.")
         cols = [cfg.score_field] + ([cfg.pred_class_field] if cfg.pred_class_field in fields else [])
         df = pyogrio.read_dataframe(p, columns=cols)
-        g = to_crs(np.asarray(df.geometry.values, dtype=object), info["crs"], metric)
-        ok = ~(shapely.is_missing(g) | shapely.is_empty(g))
-        boxes.append(shapely.bounds(g[ok]))
-        names.append(df[cfg.pred_class_field].astype(str).to_numpy()[ok] if cfg.pred_class_field in fields
-                     else np.full(int(ok.sum()), "object", dtype=object))
-        scores.append(df[cfg.score_field].astype(float).to_numpy()[ok])
-        geoms.append(g[ok])
-        src.append(np.full(int(ok.sum()), str(p), dtype=object))
-        footprints.extend(_scene_footprints(p, info, metric))
-    if not boxes:
-        return _Layer(np.zeros((0, 4)), np.zeros(0, object), np.zeros(0), np.zeros(0, object), np.zeros(0, object)), \
-            footprints
-    layer = _Layer(np.concatenate(boxes).reshape(-1, 4), np.concatenate(names), np.concatenate(scores),
-                   np.concatenate(geoms), np.concatenate(src))
-    return layer, footprints
+        layer = _to_metric(df.geometry.values, info["crs"], fixed)
+        ok = layer.ok
+        layer.names = (df[cfg.pred_class_field].astype(str).to_numpy()[ok] if cfg.pred_class_field in fields
+                       else np.full(int(ok.sum()), "object", dtype=object))
+        layer.scores = df[cfg.score_field].astype(float).to_numpy()[ok]
+        parts.append(layer)
+    return _Layer.cat(parts), footprints
 
 
-def _scene_footprints(path, info, metric) -> list:
-    """Footprint of the scene a geonet output came from (its metadata), if that raster is readable."""
+def _scene_footprints(path, info) -> list:
+    """Footprint (EPSG:4326) of the scene a geonet output came from (its metadata), if that raster is readable."""
     meta = None
     if str(path).lower().endswith((".geojson", ".json")):
         try:
@@ -180,23 +210,20 @@ def _scene_footprints(path, info, metric) -> list:
         return []
     if r.crs is None:
         return []
-    return list(to_crs(np.array([r.footprint()], dtype=object), r.crs, metric))
+    return list(to_crs(np.array([r.footprint()], dtype=object), r.crs, "EPSG:4326"))
 
 
-def _metric_crs(cfg: EvalConfig, truth_geoms, truth_crs) -> CRS:
-    if cfg.crs:
-        try:
-            crs = CRS.from_user_input(cfg.crs)
-        except Exception:
-            raise InputError(f"--crs {cfg.crs!r} is not a CRS pyproj knows.", fix="e.g. --crs EPSG:32618.") from None
-        if not crs.is_projected:
-            raise InputError(f"--crs {cfg.crs}: evaluation needs a projected CRS in metres.", fix="e.g. a UTM zone.")
-        return crs
-    b = shapely.bounds(truth_geoms)
-    extent = shapely.box(np.nanmin(b[:, 0]), np.nanmin(b[:, 1]), np.nanmax(b[:, 2]), np.nanmax(b[:, 3]))
-    ll = to_crs(np.array([extent], object), truth_crs, "EPSG:4326")[0]
-    c = ll.centroid
-    return utm_crs_for(c.x, c.y)
+def _fixed_crs(cfg: EvalConfig) -> CRS | None:
+    """``--crs`` as a CRS (``None``: each object's local UTM zone)."""
+    if not cfg.crs:
+        return None
+    try:
+        crs = CRS.from_user_input(cfg.crs)
+    except Exception:
+        raise InputError(f"--crs {cfg.crs!r} is not a CRS pyproj knows.", fix="e.g. --crs EPSG:32618.") from None
+    if not crs.is_projected:
+        raise InputError(f"--crs {cfg.crs}: evaluation needs a projected CRS in metres.", fix="e.g. a UTM zone.")
+    return crs
 
 
 # ----------------------------------------------------------------------------- grouping into images
@@ -341,12 +368,11 @@ def _reconcile_classes(pred_names: np.ndarray, truth_classes: list[str], cfg: Ev
     return names, mapping
 
 
-def _extent_ll(boxes: np.ndarray, crs) -> str:
-    if len(boxes) == 0:
+def _extent_ll(ll: np.ndarray) -> str:
+    """Lon/lat extent of object centres ``[N, 2]``, for messages."""
+    if len(ll) == 0:
         return "empty"
-    env = shapely.box(boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max())
-    b = shapely.bounds(to_crs(np.array([env], object), crs, "EPSG:4326")[0])
-    return f"lon {b[0]:.5f}..{b[2]:.5f}, lat {b[1]:.5f}..{b[3]:.5f}"
+    return (f"lon {ll[:, 0].min():.5f}..{ll[:, 0].max():.5f}, lat {ll[:, 1].min():.5f}..{ll[:, 1].max():.5f}")
 
 
 def evaluate(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_dir: str | os.PathLike[str] | None = None,
@@ -362,47 +388,52 @@ def evaluate(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_dir: s
     if out_dir is not None:
         check_output_dir(out_dir, overwrite=overwrite)
     labels = read_labels(truth, layer=cfg.layer, class_field=cfg.class_field)
-    metric = _metric_crs(cfg, labels.geometries, labels.crs)
-    tg = to_crs(labels.geometries, labels.crs, metric)
-    tboxes = shapely.bounds(tg)
-    tnames = np.array([labels.classes[i - 1] for i in labels.class_ids], dtype=object)
-    preds, footprints = _read_predictions(predictions, cfg, metric)
+    fixed = _fixed_crs(cfg)
+    truth_l = _to_metric(labels.geometries, labels.crs, fixed)
+    truth_l.names = np.array([labels.classes[i - 1] for i in labels.class_ids], dtype=object)[truth_l.ok]
+    preds, footprints = _read_predictions(predictions, cfg, fixed)
     pnames, mapping = _reconcile_classes(preds.names, labels.classes, cfg)
-    # AOI
+    # AOI, in lon/lat; objects count when their centre lies inside it
     if cfg.aoi:
         aoi_l = read_labels(cfg.aoi)
-        aoi = shapely.union_all(to_crs(aoi_l.geometries, aoi_l.crs, metric))
+        aoi = shapely.union_all(to_crs(aoi_l.geometries, aoi_l.crs, "EPSG:4326"))
         aoi_desc = f"--aoi {cfg.aoi}"
     elif footprints:
         aoi = shapely.union_all(np.array(footprints, dtype=object))
         aoi_desc = "footprint of the imagery the predictions came from"
     else:
-        aoi = shapely.box(tboxes[:, 0].min(), tboxes[:, 1].min(), tboxes[:, 2].max(), tboxes[:, 3].max())
+        aoi = shapely.union_all(to_crs(shapely.envelope(labels.geometries), labels.crs, "EPSG:4326"))
         aoi_desc = "extent of the truth"
     shapely.prepare(aoi)
 
-    def inside(b):
-        if len(b) == 0:
-            return np.zeros(0, bool)
-        return shapely.contains_xy(aoi, (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2)
+    def inside(layer: _Layer) -> np.ndarray:
+        return shapely.contains_xy(aoi, layer.ll[:, 0], layer.ll[:, 1]) if len(layer.ll) else np.zeros(0, bool)
 
-    def extent(b):
-        return shapely.box(b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max())
+    def extent(ll):
+        return shapely.box(ll[:, 0].min(), ll[:, 1].min(), ll[:, 0].max(), ll[:, 1].max())
 
-    if len(preds.boxes) and not shapely.intersects(extent(preds.boxes), extent(tboxes)):
+    if len(preds.ll) and not shapely.intersects(extent(preds.ll).buffer(1e-3), extent(truth_l.ll).buffer(1e-3)):
         raise InputError(
-            f"the predictions and the truth do not overlap: predictions {_extent_ll(preds.boxes, metric)}, truth "
-            f"{_extent_ll(tboxes, metric)}.",
+            f"the predictions and the truth do not overlap: predictions {_extent_ll(preds.ll)}, truth "
+            f"{_extent_ll(truth_l.ll)}.",
             fix="check that both cover the same imagery; a wrong CRS on either file is the usual cause.")
-    tin, pin = inside(tboxes), inside(preds.boxes)
+    tin, pin = inside(truth_l), inside(preds)
     if not tin.any():
-        raise InputError(f"no truth object lies inside the AOI ({aoi_desc}): truth {_extent_ll(tboxes, metric)}.",
+        raise InputError(f"no truth object lies inside the AOI ({aoi_desc}): truth {_extent_ll(truth_l.ll)}.",
                          fix="pass --aoi polygons that cover the truth, or check the CRS of the truth.")
-    if len(preds.boxes) == 0 or not pin.any():
+    if len(preds.ll) == 0 or not pin.any():
         log.warning("no prediction inside the AOI: every metric is 0")
-    pb, ps, pn = preds.boxes[pin], preds.scores[pin], pnames[pin]
-    tb, tn = tboxes[tin], tnames[tin]
-    pimg, timg = group_images(pb, tb)
+    pb, ps, pn, pz = preds.boxes[pin], preds.scores[pin], pnames[pin], preds.zones[pin]
+    tb, tn, tz = truth_l.boxes[tin], truth_l.names[tin], truth_l.zones[tin]
+    # COCO "images": groups of intersecting boxes, never mixing metric CRSs
+    pimg = np.zeros(len(pb), dtype=np.int64)
+    timg = np.zeros(len(tb), dtype=np.int64)
+    offset = 0
+    for z in np.unique(np.concatenate([pz, tz])):
+        ps_sel, ts_sel = pz == z, tz == z
+        a, b = group_images(pb[ps_sel], tb[ts_sel])
+        pimg[ps_sel], timg[ts_sel] = a + offset, b + offset
+        offset = int(max(offset, pimg.max(initial=0), timg.max(initial=0)))
     classes = list(labels.classes)
     cid = {n: i + 1 for i, n in enumerate(classes)}
     n_images = int(max(pimg.max(initial=0), timg.max(initial=0)))
@@ -413,6 +444,8 @@ def evaluate(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_dir: s
                            "area": float((b[2] - b[0]) * (b[3] - b[1])), "iscrowd": 0} for k, b in enumerate(tb)]}
     dets = [{"image_id": int(pimg[k]), "category_id": cid[pn[k]], "score": float(ps[k]),
              "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]} for k, b in enumerate(pb)]
+    zones = sorted(set(np.concatenate([pz, tz]).tolist()))
+    crs_desc = zones[0] if len(zones) == 1 else f"local UTM zone of each object ({', '.join(zones)})"
     lo, hi = cfg.area_bins
     bins = (("small", 0.0, lo), ("medium", lo, hi), ("large", hi, 1e30))
     md = (1, 10, 100) + ((IMAGE_MAX_PREDICTIONS,) if IMAGE_MAX_PREDICTIONS > 100 else ())
@@ -421,12 +454,11 @@ def evaluate(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_dir: s
     ev = op_metrics["_eval"]
     op = operating_point(ev, cfg.iou, score_thresh=cfg.score_thresh)
     per_class = {c: operating_point(ev, cfg.iou, score_thresh=op["score_thresh"], cat_ids=[cid[c]]) for c in classes}
-    rep = EvalReport(metrics=metrics, operating=op, per_class_operating=per_class,
-                     crs=f"EPSG:{metric.to_epsg()}" if metric.to_epsg() else metric.name, n_predictions=len(pb),
-                     n_truth=len(tb), aoi=aoi_desc, seconds=0.0, class_map=mapping)
+    rep = EvalReport(metrics=metrics, operating=op, per_class_operating=per_class, crs=crs_desc,
+                     n_predictions=len(pb), n_truth=len(tb), aoi=aoi_desc, seconds=0.0, class_map=mapping)
     if out_dir is not None:
         matches = _matches(ev, cfg.iou, op["score_thresh"], dets, gt)
-        _write_report(out_dir, rep, classes, metric, pb, ps, pn, tb, tn, matches, ev, overwrite=overwrite)
+        _write_report(out_dir, rep, classes, (pb, pz), ps, pn, (tb, tz), tn, matches, overwrite=overwrite)
         rep.out_dir = str(out_dir)
     rep.seconds = time.perf_counter() - t0
     return rep
@@ -447,9 +479,22 @@ def _matches(ev, iou, thr, dets, gt) -> tuple[set[int], dict[int, int]]:
     return tp, pair
 
 
-def _write_report(out_dir, rep: EvalReport, classes, metric, pb, ps, pn, tb, tn, matches, ev, *, overwrite) -> None:
+def _polygons(boxes: np.ndarray, zones: np.ndarray, out_crs: str) -> np.ndarray:
+    """Boxes (each in its own metric CRS) as polygons in ``out_crs``."""
+    polys = shapely.box(*boxes.T) if len(boxes) else np.zeros(0, object)
+    out = np.empty(len(boxes), dtype=object)
+    for z in np.unique(zones):
+        sel = zones == z
+        out[sel] = to_crs(polys[sel], z, out_crs)
+    return out
+
+
+def _write_report(out_dir, rep: EvalReport, classes, preds, ps, pn, truth, tn, matches, *, overwrite) -> None:
     import geopandas as gpd
 
+    (pb, pz), (tb, tz) = preds, truth
+    zones = set(pz.tolist()) | set(tz.tolist())
+    out_crs = next(iter(zones)) if len(zones) == 1 else "EPSG:4326"
     tp, pair = matches
     thr = rep.operating["score_thresh"]
     with atomic_dir(out_dir) as tmp:
@@ -475,11 +520,11 @@ def _write_report(out_dir, rep: EvalReport, classes, metric, pb, ps, pn, tb, tn,
         layers = {
             "tp": gpd.GeoDataFrame({"label": pn[tp_idx].astype(str), "score": ps[tp_idx],
                                     "iou": [iou_of(d) for d in tp_idx]},
-                                   geometry=shapely.box(*pb[tp_idx].T) if len(tp_idx) else [], crs=metric),
+                                   geometry=list(_polygons(pb[tp_idx], pz[tp_idx], out_crs)), crs=out_crs),
             "fp": gpd.GeoDataFrame({"label": pn[fp_idx].astype(str), "score": ps[fp_idx]},
-                                   geometry=shapely.box(*pb[fp_idx].T) if len(fp_idx) else [], crs=metric),
+                                   geometry=list(_polygons(pb[fp_idx], pz[fp_idx], out_crs)), crs=out_crs),
             "fn": gpd.GeoDataFrame({"label": tn[fn_idx].astype(str)},
-                                   geometry=shapely.box(*tb[fn_idx].T) if len(fn_idx) else [], crs=metric),
+                                   geometry=list(_polygons(tb[fn_idx], tz[fn_idx], out_crs)), crs=out_crs),
         }
         for name, gdf in layers.items():
             gdf.to_file(tmp / "inspection.gpkg", layer=name, driver="GPKG", engine="pyogrio")

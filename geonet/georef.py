@@ -167,18 +167,3 @@ def gsd_metres(crs: CRS | str, transform: Affine, width: int, height: int) -> tu
     _, _, dx = _GEOD.inv(X[0], Y[0], X[1], Y[1])
     _, _, dy = _GEOD.inv(X[0], Y[0], X[2], Y[2])
     return float(dx), float(dy)
-
-
-def utm_crs_for(lon: float, lat: float) -> CRS:
-    """The WGS 84 / UTM zone CRS that contains ``(lon, lat)`` (degrees), via pyproj's CRS database."""
-    from pyproj.aoi import AreaOfInterest
-    from pyproj.database import query_utm_crs_info
-
-    infos = query_utm_crs_info(
-        datum_name="WGS 84",
-        area_of_interest=AreaOfInterest(west_lon_degree=lon, south_lat_degree=lat, east_lon_degree=lon,
-                                        north_lat_degree=lat),
-    )
-    if not infos:
-        raise ValueError(f"no UTM zone for lon={lon}, lat={lat}")
-    return CRS.from_epsg(int(infos[0].code))

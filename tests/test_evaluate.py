@@ -5,6 +5,7 @@ import io
 import json
 
 import geopandas as gpd
+import pandas as pd
 import numpy as np
 import pytest
 import shapely
@@ -239,3 +240,29 @@ def test_cli_detect_then_evaluate(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep-detections" / "scene.geojson").exists()
     assert "2 truth objects" in res.output
+
+
+def test_sites_in_several_utm_zones(tmp_path):
+    """NEON-like: sites thousands of km apart are each measured in their own UTM zone."""
+    from geonet.evaluate import _utm_zone
+
+    assert list(_utm_zone(np.array([-72.2, -119.7, 32.6, 10.0]), np.array([42.5, 37.1, 0.35, -5.0]))) == \
+        ["EPSG:32618", "EPSG:32611", "EPSG:32636", "EPSG:32732"]
+    rng = np.random.default_rng(5)
+    frames = []
+    for epsg, x0, y0 in ((32618, 730000.0, 4701000.0), (32611, 257000.0, 4110000.0)):
+        xy = rng.uniform(0, 100, (30, 2))
+        wh = rng.uniform(2, 10, (30, 2))
+        b = np.column_stack([x0 + xy[:, 0], y0 + xy[:, 1], x0 + xy[:, 0] + wh[:, 0], y0 + xy[:, 1] + wh[:, 1]])
+        frames.append(gpd.GeoDataFrame({"kind": ["tree"] * 30}, geometry=list(shapely.box(*b.T)),
+                                       crs=f"EPSG:{epsg}").to_crs("EPSG:4326"))
+    truth = gpd.GeoDataFrame(pd.concat(frames), crs="EPSG:4326")
+    truth.to_file(tmp_path / "truth.shp")
+    preds = truth.assign(label="tree", score=np.linspace(0.2, 1, len(truth)))
+    preds.to_file(tmp_path / "p.geojson")
+    rep = evaluate([str(tmp_path / "p.geojson")], str(tmp_path / "truth.shp"), EvalConfig(), tmp_path / "rep")
+    assert rep.metrics["AP"] == pytest.approx(1.0) and "EPSG:32611" in rep.crs and "EPSG:32618" in rep.crs
+    assert gpd.read_file(tmp_path / "rep" / "inspection.gpkg", layer="tp").crs.to_epsg() == 4326
+    # --crs puts everything in one CRS
+    one = evaluate([str(tmp_path / "p.geojson")], str(tmp_path / "truth.shp"), EvalConfig(crs="EPSG:32615"))
+    assert one.crs.startswith("EPSG:32615") and one.metrics["AP"] == pytest.approx(1.0)

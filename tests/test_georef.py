@@ -4,7 +4,7 @@ import shapely
 from affine import Affine
 
 from geonet.georef import (crs_to_pixel, geometries_to_pixel, gsd_metres, pixel_boxes_to_polygons, pixel_to_crs,
-                           to_crs, utm_crs_for)
+                           to_crs)
 
 ROTATED = Affine(0.08, 0.03, 500000.0, 0.02, -0.12, 4500000.0)  # rotated, sheared, non-square pixels
 
@@ -48,7 +48,3 @@ def test_gsd_projected_geographic_and_web_mercator():
     _, gy = gsd_metres("EPSG:4326", Affine(1e-5, 0, 10, 0, -1e-5, 45), 100, 100)
     assert gy == pytest.approx(1.111, rel=1e-2)
 
-
-def test_utm_zone():
-    assert utm_crs_for(-72.2, 42.4).to_epsg() == 32618
-    assert utm_crs_for(32.59, 0.35).to_epsg() == 32636
