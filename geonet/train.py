@@ -441,7 +441,8 @@ def _make_module(model, model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoc
             if not bool(torch.isfinite(loss)):
                 raise NonFiniteLoss(
                     f"the loss became {float(loss.detach())} at step {self.global_step} (epoch {self.current_epoch}, "
-                    f"classification {float(losses['classification'].detach()):.4g}, box {float(losses['bbox_regression'].detach()):.4g}). "
+                    f"classification {float(losses['classification'].detach()):.4g}, "
+                    f"box {float(losses['bbox_regression'].detach()):.4g}). "
                     "Likely causes: a learning rate too high (--lr), bad boxes, or unnormalised input. The last good "
                     f"checkpoint in {cfg.output} is kept.", fix="lower --lr (or add --grad-clip 10) and --resume.")
             bs = len(images)
