@@ -126,9 +126,11 @@ def command(ctx, output, resume, overwrite, progress, split, anchor_sizes, ancho
         cfg = load_run_config(output)
         given = [p.name for p in ctx.command.params
                  if ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE
-                 and p.name not in ("output", "resume", "progress", "workers", "device")]
+                 and p.name not in ("output", "resume", "progress", "workers", "device")
+                 and _differs(cfg, p.name, ctx.params[p.name])]
         if given:
-            log.warning("--resume continues the saved configuration; ignoring %s", ", ".join(sorted(given)))
+            log.warning("--resume continues the saved configuration; ignoring the different %s",
+                        ", ".join(f"--{n.replace('_', '-')}" for n in sorted(given)))
         if ctx.get_parameter_source("workers") == ParameterSource.COMMANDLINE:
             cfg.workers = kw["workers"]
     else:
@@ -148,3 +150,20 @@ def command(ctx, output, resume, overwrite, progress, split, anchor_sizes, ancho
                + (f", {res.n_degenerate} degenerate boxes dropped" if res.n_degenerate else ""))
     click.echo(f"best epoch {res.best_epoch}: val AP {f(m.get('AP'))}, AP50 {f(m.get('AP50'))}, "
                f"AP75 {f(m.get('AP75'))} -> {Path(res.run_dir) / 'best.pt'}")
+
+
+def _differs(cfg, name: str, value) -> bool:
+    """Whether a command-line option given with --resume differs from the saved run configuration."""
+    try:
+        if name == "split":
+            return parse_split(value) != cfg.val_fraction
+        if name.startswith("anchor_"):
+            return _floats(value, name) != list(getattr(cfg, name))
+        if not hasattr(cfg, name):
+            return True
+        saved = getattr(cfg, name)
+        if isinstance(value, tuple) or isinstance(saved, (list, tuple)):
+            return list(value or []) != list(saved or [])
+        return value != saved
+    except Exception:  # an option that does not parse differs by definition
+        return True

@@ -247,3 +247,18 @@ def test_train_from_chip_folder_and_voc(scenes):
                           anchor_sizes=[16, 32, 64, 128, 256], val_fraction=0.25), progress=False)
     ck = read_checkpoint(tmp / "from_voc" / "best.pt")
     assert ck["classes"] == ["pool"] and ck["gsd"] is None and r.n_val == 1
+
+
+def test_resume_warns_only_about_options_that_differ():
+    from geonet.cli.train import _differs
+
+    cfg = TrainConfig(output="x", imagery=["a.tif"], epochs=120, batch_size=4, amp="bf16", val_fraction=0.2,
+                      anchor_sizes=[32.0, 64.0])
+    assert not _differs(cfg, "epochs", 120)
+    assert _differs(cfg, "epochs", 200)
+    assert not _differs(cfg, "amp", "bf16")
+    assert not _differs(cfg, "imagery", ("a.tif",))
+    assert _differs(cfg, "imagery", ("b.tif",))
+    assert not _differs(cfg, "split", "val=0.2")
+    assert not _differs(cfg, "anchor_sizes", "32,64")
+    assert _differs(cfg, "anchor_sizes", "16,64")
