@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from geonet.atomic import make_parent
 from geonet.errors import InputError
 from geonet.evaluate import ClassMismatch, EvalConfig, evaluate, evaluate_coco, is_coco_json, parse_class_map
 
@@ -78,8 +79,7 @@ def _detect_first(model, imagery, output):
 
     out = Path(output)
     det_dir = out.parent / (out.name + "-detections")
-    if not out.parent.exists():
-        raise InputError(f"-o {out}: the parent folder {out.parent} does not exist.", fix=f"mkdir -p {out.parent}")
+    make_parent(out)
     det_dir.mkdir(exist_ok=True)
     click.echo(f"detecting into {det_dir}/", err=True)
     rep = detect(list(imagery), str(det_dir) + "/", DetectConfig(model=model, format="geojson", resume=True),

@@ -15,22 +15,36 @@ from pathlib import Path
 
 from geonet.errors import InputError
 
-__all__ = ["atomic_dir", "atomic_file", "check_output_dir"]
+__all__ = ["atomic_dir", "atomic_file", "check_output_dir", "make_parent"]
+
+
+def make_parent(path: str | os.PathLike[str], *, option: str = "-o") -> None:
+    """Create the missing parent folders of an output ``path`` (``mkdir -p``).
+
+    Raises:
+        InputError: a parent cannot be created (permissions, or a file in the way).
+    """
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{option} {path}: cannot create the folder {parent} ({exc.strerror or exc}).",
+                         fix="choose a writable location.") from None
 
 
 def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool, option: str = "-o") -> Path:
     """Check that ``path`` can become an output folder.
 
     Raises:
-        InputError: it is a file, its parent folder does not exist, or it is a non-empty folder and
+        InputError: it is a file, its parent folder cannot be created, or it is a non-empty folder and
             ``overwrite`` is False.
+
+    Missing parent folders are created.
     """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise InputError(f"{option} {out} is a file, not a folder.", fix="choose a folder path.")
-    if not out.parent.exists():
-        raise InputError(f"{option} {out}: the parent folder {out.parent} does not exist.",
-                         fix=f"create it first (mkdir -p {out.parent}).")
+    make_parent(out, option=option)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{option} {out} exists and is not empty.", fix="choose another folder or pass --overwrite.")
     return out

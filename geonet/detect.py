@@ -42,6 +42,7 @@ from rasterio.windows import Window
 from torchvision.models.detection.image_list import ImageList
 
 import geonet
+from geonet.atomic import make_parent
 from geonet.checkpoint import file_sha256, load_checkpoint
 from geonet.chip import crs_label
 from geonet.errors import GeonetError, InputError
@@ -517,8 +518,8 @@ def resolve_outputs(scenes: Sequence[str], output: str | os.PathLike[str], fmt: 
     is an existing folder (or ends with a slash): ``<folder>/<scene stem>.<fmt>``.
 
     Raises:
-        InputError: missing scene, unknown extension, output folder that does not exist, several
-            scenes with one output file, two scenes with the same stem.
+        InputError: missing scene, unknown extension, an output folder that cannot be created
+            (missing ones are), several scenes with one output file, two scenes with the same stem.
     """
     paths = find_rasters(scenes, option="SCENE")
     out = Path(output)
@@ -528,9 +529,8 @@ def resolve_outputs(scenes: Sequence[str], output: str | os.PathLike[str], fmt: 
         return paths, [out]
     if out.suffix.lower() in (".geojson", ".gpkg", ".shp", ".json") and not out.is_dir():
         raise InputError(f"-o {out}: {len(paths)} scenes need an output folder, not a file.",
-                         fix="pass -o OUTDIR/ (an existing folder).")
-    if not out.is_dir():
-        raise InputError(f"-o {out}: the output folder does not exist.", fix=f"create it first (mkdir -p {out}).")
+                         fix="pass -o OUTDIR/ (a folder).")
+    make_parent(out / "x")
     ext = {"geojson": ".geojson", "gpkg": ".gpkg", "shp": ".shp"}.get(fmt)
     if ext is None:
         raise InputError(f"--format {fmt!r}: choose geojson, gpkg or shp.")

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import yaml
 
-from geonet.atomic import atomic_file
+from geonet.atomic import atomic_file, make_parent
 from geonet.augment import OverheadAugment
 from geonet.checkpoint import save_checkpoint
 from geonet.chip import ChipConfig, plan_chips
@@ -621,8 +621,7 @@ def check_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
         import shutil
 
         shutil.rmtree(run)
-    if not run.parent.exists():
-        raise InputError(f"-o {run}: the parent folder {run.parent} does not exist.", fix=f"mkdir -p {run.parent}")
+    make_parent(run)
     return run
 
 

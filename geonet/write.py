@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyogrio
 import shapely
 
-from geonet.atomic import atomic_file
+from geonet.atomic import atomic_file, make_parent
 from geonet.errors import InputError
 from geonet.georef import to_crs
 
@@ -61,15 +61,16 @@ def output_format(path: str | os.PathLike[str], *, option: str = "-o") -> str:
     """The OGR driver for an output path, from its extension.
 
     Raises:
-        InputError: unknown extension, or a parent folder that does not exist.
+        InputError: unknown extension, or a parent folder that cannot be created.
+
+    Missing parent folders are created.
     """
     p = Path(path)
     driver = FORMATS.get(p.suffix.lower())
     if driver is None:
         raise InputError(f"{option} {p}: unknown output extension {p.suffix or '(none)'!r}.",
                          fix="use .geojson, .gpkg or .shp.")
-    if not p.parent.exists():
-        raise InputError(f"{option} {p}: the folder {p.parent} does not exist.", fix=f"mkdir -p {p.parent}")
+    make_parent(p, option=option)
     return driver
 
 

@@ -23,12 +23,13 @@ def scene(tmp_path):
 
 def test_chip_ok_with_preview(scene):
     tmp, r, lab = scene
-    res = run("chip", "--imagery", r, "--labels", lab, "-o", tmp / "out", "--size", 128, "--stride", 100,
+    out = tmp / "new" / "out"  # missing parent folders are created, as mkdir -p would
+    res = run("chip", "--imagery", r, "--labels", lab, "-o", out, "--size", 128, "--stride", 100,
               "--preview", 2)
     assert res.exit_code == 0, res.output
     assert "chips" in res.output
-    assert len(list((tmp / "out" / "preview").glob("*.png"))) == 2
-    coco = json.loads((tmp / "out" / "annotations.json").read_text())
+    assert len(list((out / "preview").glob("*.png"))) == 2
+    coco = json.loads((out / "annotations.json").read_text())
     assert coco["categories"] == [{"id": 1, "name": "scene", "supercategory": "object"}]
 
 

@@ -257,8 +257,9 @@ def test_cli_bad_input(tmp_path, case):
         args[4] = tmp_path / "o.csv"
         needle = "unknown output extension"
     elif case == "outdir":
-        args[4] = tmp_path / "nope" / "o.geojson"
-        needle = "does not exist"
+        (tmp_path / "afile").write_text("x")
+        args[4] = tmp_path / "afile" / "o.geojson"
+        needle = "cannot create the folder"
     elif case == "not-ckpt":
         junk = tmp_path / "junk.pt"
         torch.save({"weights": torch.zeros(2)}, junk)
