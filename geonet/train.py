@@ -215,17 +215,28 @@ def _targets_of(ds) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     return [(r.boxes, r.labels, r.ignore) for r in ds.records]
 
 
+def _image_ids(ds) -> list[int]:
+    """The ``target["image_id"]`` each sample of ``ds`` yields (validation detections carry it)."""
+    if isinstance(ds, RasterWindowDataset):
+        return [i + 1 for i in range(len(ds.specs))]
+    return [int(r.image_id) for r in ds.records]
+
+
 def _gt_coco(ds, classes: Sequence[str]) -> dict:
-    """COCO ground truth of a dataset (image ids = dataset positions + 1)."""
+    """COCO ground truth of a dataset, with the image ids its samples carry (see :func:`_image_ids`)."""
     images, anns = [], []
+    ids = _image_ids(ds)
+    if len(set(ids)) != len(ids):
+        raise InputError("the validation images do not have unique COCO image ids.",
+                         fix="give every image in the annotations a distinct id.")
     for i, (boxes, labels, ignore) in enumerate(_targets_of(ds)):
         w, h = ds.image_size(i)
-        images.append({"id": i + 1, "width": w, "height": h})
+        images.append({"id": ids[i], "width": w, "height": h})
         for b, k, crowd in [(b, k, 0) for b, k in zip(boxes, labels)] + [(b, 1, 1) for b in ignore]:
             w, h = float(b[2] - b[0]), float(b[3] - b[1])
             if w <= 0 or h <= 0:
                 continue
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(k),
+            anns.append({"id": len(anns) + 1, "image_id": ids[i], "category_id": int(k),
                          "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": crowd})
     return {"images": images, "annotations": anns,
             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)]}

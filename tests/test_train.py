@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from geonet.checkpoint import load_checkpoint, read_checkpoint
 from geonet.cli.main import cli
 from geonet.errors import InputError
-from geonet.train import NonFiniteLoss, TrainConfig, TrainingInterrupted, train
+from geonet.train import NonFiniteLoss, TrainConfig, TrainingInterrupted, prepare_data, train
 from synth import make_scene, paint, write_raster
 
 FAST = dict(size=64, backbone="resnet18", batch_size=2, anchor_sizes=[16, 32, 64, 128, 256], epochs=2,
@@ -230,6 +230,18 @@ def test_train_from_chip_folder_and_voc(scenes):
     r = train(TrainConfig(output=str(tmp / "from_chips"), chips=str(tmp / "chips"), backbone="resnet18", epochs=1,
                           batch_size=2, limit_train_batches=1, anchor_sizes=[16, 32, 64, 128, 256]), progress=False)
     assert r.n_val > 0 and read_checkpoint(tmp / "from_chips" / "best.pt")["chip_size"] == 64
+    # validation ground truth uses the image ids the samples carry (the chips' COCO ids, not positions)
+    ann = tmp / "chips" / "annotations.json"
+    coco = json.loads(ann.read_text())
+    for im in coco["images"]:
+        im["id"] += 100
+    for a in coco["annotations"]:
+        a["image_id"] += 100
+    ann.write_text(json.dumps(coco))
+    data = prepare_data(TrainConfig(output="unused", chips=str(tmp / "chips")))
+    gt_ids = sorted(im["id"] for im in data.val_gt["images"])
+    assert gt_ids and min(gt_ids) > 100
+    assert gt_ids == sorted(int(data.val[i][1]["image_id"]) for i in range(len(data.val)))
     # Pascal VOC (not georeferenced): PNG + XML
     from PIL import Image
     voc = tmp / "voc"
