@@ -26,16 +26,23 @@ FAST = dict(size=64, backbone="resnet18", batch_size=2, anchor_sizes=[16, 32, 64
             limit_train_batches=2, val_fraction=0.25)
 
 
-@pytest.fixture
-def scenes(tmp_path):
+def _scenes(tmp_path, n, size, min_side, max_side):
+    """Four seeded synthetic scenes and one label file for all of them: ``(rasters, labels)``."""
     frames, rasters = [], []
     for k in range(4):
-        r, lab, _ = make_scene(tmp_path, f"s{k}", seed=k, n=10, width=128, height=128, min_side=10, max_side=24)
+        r, lab, _ = make_scene(tmp_path, f"s{k}", seed=k, n=n, width=size, height=size, min_side=min_side,
+                               max_side=max_side)
         rasters.append(str(r))
         frames.append(gpd.read_file(lab))
     labels = tmp_path / "labels.geojson"
     gpd.GeoDataFrame(pd.concat(frames), crs="EPSG:4326").to_file(labels)
-    return tmp_path, rasters, str(labels)
+    return rasters, str(labels)
+
+
+@pytest.fixture
+def scenes(tmp_path):
+    rasters, labels = _scenes(tmp_path, n=10, size=128, min_side=10, max_side=24)
+    return tmp_path, rasters, labels
 
 
 def _cfg(tmp, rasters, labels, name="run", **kw):
@@ -207,14 +214,8 @@ def test_sigint_leaves_resumable_checkpoint(scenes):
 @pytest.mark.slow
 def test_detector_learns_synthetic_objects(tmp_path):
     """The loss falls and validation AP50 rises far above chance on bright rectangles (~90 steps)."""
-    frames, rasters = [], []
-    for k in range(4):
-        r, lab, _ = make_scene(tmp_path, f"s{k}", seed=k, n=20, width=256, height=256, min_side=12, max_side=30)
-        rasters.append(str(r))
-        frames.append(gpd.read_file(lab))
-    labels = tmp_path / "labels.geojson"
-    gpd.GeoDataFrame(pd.concat(frames), crs="EPSG:4326").to_file(labels)
-    res = train(_cfg(tmp_path, rasters, str(labels), size=128, batch_size=4, epochs=30, limit_train_batches=None),
+    rasters, labels = _scenes(tmp_path, n=20, size=256, min_side=12, max_side=30)
+    res = train(_cfg(tmp_path, rasters, labels, size=128, batch_size=4, epochs=30, limit_train_batches=None),
                 progress=False)
     df = pd.read_csv(Path(res.run_dir) / "metrics.csv")
     loss = df.dropna(subset=["train/loss_epoch"])["train/loss_epoch"].to_numpy()
