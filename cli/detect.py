@@ -44,6 +44,9 @@ def command(scenes, model, output, fmt, tile, overlap, batch_size, workers, devi
                        allow_no_crs=allow_no_crs, nodata=nodata, coord_precision=coord_precision, preview=preview,
                        resume=resume, format=fmt)
     rep = detect(list(scenes), output, cfg, show_progress=progress)
+    if rep.scenes:
+        click.echo(f"score >= {rep.score_thresh:.3f} ({rep.score_source}; --score-thresh 0.05 keeps the whole "
+                   "precision-recall curve for evaluation)")
     for r in rep.scenes:
         if r.error:
             click.echo(f"FAILED {r.scene}: {r.error}", err=True)

@@ -82,8 +82,12 @@ def _detect_first(model, imagery, output):
     make_parent(out)
     det_dir.mkdir(exist_ok=True)
     click.echo(f"detecting into {det_dir}/", err=True)
-    rep = detect(list(imagery), str(det_dir) + "/", DetectConfig(model=model, format="geojson", resume=True),
-                 show_progress=True)
+    from geonet.checkpoint import read_checkpoint
+
+    # the model's own threshold (0.05 by default), not the operating point: AP needs the whole PR curve
+    low = float(read_checkpoint(model)["model_config"]["score_thresh"])
+    rep = detect(list(imagery), str(det_dir) + "/",
+                 DetectConfig(model=model, format="geojson", resume=True, score_thresh=low), show_progress=True)
     if rep.failed:
         raise InputError(f"{rep.failed} scene(s) failed to detect (see above).")
     return sorted(str(p) for p in det_dir.glob("*.geojson"))

@@ -101,7 +101,9 @@ class Detector:
         path: geonet checkpoint (``best.pt``).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"32"``, ``"bf16"``, ``"16"``.
-        score_thresh: override of the checkpoint's score threshold.
+        score_thresh: minimum score of a detection. Default: the checkpoint's operating point (the
+            score that maximised F1 at IoU 0.5 on the validation set of the saved epoch), else the
+            model's own threshold (0.05). ``score_source`` says which.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", precision: str = "auto",
@@ -114,8 +116,15 @@ class Detector:
             precision = "bf16" if self.device.type == "cuda" else "32"
         self.precision = precision
         self.amp_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
+        op = (ckpt.get("metrics") or {}).get("operating_point")
         if score_thresh is not None:
             model.score_thresh = float(score_thresh)
+            self.score_source = "given"
+        elif op and op.get("score_thresh") is not None:
+            model.score_thresh = max(float(model.score_thresh), float(op["score_thresh"]))
+            self.score_source = f"validation max F1 at IoU {op.get('iou', 0.5):g}"
+        else:
+            self.score_source = "model default"
         self.model = model.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -396,6 +405,7 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
         "scene": str(path), "scene_crs": crs_label(info),
         "scene_gsd_m": info.gsd_mean, "train_gsd_m": det.ckpt.get("gsd"), "resample_scale": plan.scale,
         "tile_px": grid.tile, "overlap_px": plan.overlap, "score_thresh": float(det.model.score_thresh),
+        "score_thresh_source": det.score_source,
         "model_nms_iou": float(det.model.nms_thresh), "merge_iou": cfg.merge_iou, "device": det.device.type,
         "precision": det.precision, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -505,6 +515,8 @@ class DetectReport:
     seconds: float
     failed: int
     skipped_done: int
+    score_thresh: float = 0.0
+    score_source: str = ""
 
     @property
     def ok(self) -> bool:
@@ -598,5 +610,6 @@ def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectCon
             results.append(SceneResult(scene=str(p), output=str(o), error=str(exc)))
             failed += 1
     bar.close()
-    return DetectReport(scenes=results, seconds=time.perf_counter() - t0, failed=failed, skipped_done=done_before)
+    return DetectReport(scenes=results, seconds=time.perf_counter() - t0, failed=failed, skipped_done=done_before,
+                        score_thresh=float(det.model.score_thresh), score_source=det.score_source)
 

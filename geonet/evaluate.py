@@ -51,7 +51,7 @@ from geonet.chip import connected_components
 from geonet.errors import InputError
 from geonet.georef import to_crs
 from geonet.labels import read_labels
-from geonet.metrics import coco_metrics
+from geonet.metrics import coco_metrics, operating_point
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,11 @@ def _read_predictions(paths: Sequence[str], cfg: EvalConfig, fixed: CRS | None) 
             raise InputError(f"is not a vector file OGR can read ({' '.join(str(exc).split())[:120]}).", path=p,
                              fix="pass the output of `geonet detect` or another OGR file with a score field.") from None
         fields = [str(f) for f in info["fields"]]
-        footprints.extend(_scene_footprints(p, info))
+        meta = _geonet_metadata(p, info)
+        footprints.extend(_scene_footprints(meta))
+        if meta and float(meta.get("score_thresh") or 0) > 0.05 + 1e-9:
+            log.warning("%s holds detections with score >= %.3f only: AP is a lower bound. For the whole "
+                        "precision-recall curve, detect with --score-thresh 0.05.", p, float(meta["score_thresh"]))
         if info["features"] == 0:  # an empty GeoJSON carries no field names at all
             continue
         if cfg.score_field not in fields:
@@ -180,8 +184,8 @@ def _read_predictions(paths: Sequence[str], cfg: EvalConfig, fixed: CRS | None) 
     return _Layer.cat(parts), footprints
 
 
-def _scene_footprints(path, info) -> list:
-    """Footprint (EPSG:4326) of the scene a geonet output came from (its metadata), if that raster is readable."""
+def _geonet_metadata(path, info) -> dict | None:
+    """The ``geonet`` provenance metadata of a file geonet wrote (GeoJSON member or GPKG layer metadata)."""
     meta = None
     if str(path).lower().endswith((".geojson", ".json")):
         try:
@@ -200,6 +204,11 @@ def _scene_footprints(path, info) -> list:
                 meta = json.loads(lm["geonet"])
             except ValueError:
                 meta = None
+    return meta if isinstance(meta, dict) else None
+
+
+def _scene_footprints(meta: dict | None) -> list:
+    """Footprint (EPSG:4326) of the scene a geonet output came from, if that raster is readable."""
     if not meta or not meta.get("scene"):
         return []
     try:
@@ -261,60 +270,6 @@ def group_images(pred_boxes: np.ndarray, truth_boxes: np.ndarray, *, max_predict
 
 
 # ----------------------------------------------------------------------------- operating point
-
-
-def operating_point(ev, iou: float, *, score_thresh: float | None = None, cat_ids=None) -> dict:
-    """Precision/recall/F1 and TP/FP/FN at one IoU from a COCOeval run whose ``iouThrs`` include ``iou``.
-
-    COCOeval matches greedily by descending score, so the matches of the detections above a score
-    threshold are the same as if only those detections existed: one pass gives the whole
-    precision-recall curve. The area range is "all" and the detection limit the last ``maxDets``.
-
-    Returns:
-        ``{"iou", "score_thresh", "precision", "recall", "f1", "tp", "fp", "fn", "curve": {...}}``;
-        ``score_thresh`` is the given one or the score that maximises F1.
-    """
-    p = ev.params
-    t = int(np.flatnonzero(np.isclose(p.iouThrs, iou))[0])
-    scores, tps, n_gt = [], [], 0
-    cats = cat_ids if cat_ids is not None else p.catIds
-    for e in ev.evalImgs:
-        if e is None or e["aRng"] != p.areaRng[0] or e["maxDet"] != p.maxDets[-1] or e["category_id"] not in cats:
-            continue
-        dt_ig = np.asarray(e["dtIgnore"])[t] if len(e["dtIds"]) else np.zeros(0, bool)
-        dt_m = np.asarray(e["dtMatches"])[t] if len(e["dtIds"]) else np.zeros(0)
-        keep = ~dt_ig.astype(bool)
-        scores.extend(np.asarray(e["dtScores"])[keep].tolist())
-        tps.extend((dt_m[keep] > 0).tolist())
-        n_gt += int((~np.asarray(e["gtIgnore"]).astype(bool)).sum())
-    scores = np.asarray(scores, dtype=float)
-    tps = np.asarray(tps, dtype=bool)
-    order = np.argsort(-scores, kind="mergesort")
-    scores, tps = scores[order], tps[order]
-    ctp = np.cumsum(tps)
-    cfp = np.cumsum(~tps)
-    prec = ctp / np.maximum(ctp + cfp, 1)
-    rec = ctp / max(n_gt, 1)
-    f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)
-    if score_thresh is None:
-        if len(scores):
-            # only the last detection of a run of equal scores is a valid cut
-            valid = np.r_[scores[1:] != scores[:-1], True]
-            k = int(np.argmax(np.where(valid, f1, -1)))
-            thr = float(scores[k])
-        else:
-            thr = 1.0
-    else:
-        thr = float(score_thresh)
-    n_kept = int((scores >= thr).sum())
-    tp = int(ctp[n_kept - 1]) if n_kept else 0
-    fp = int(cfp[n_kept - 1]) if n_kept else 0
-    fn = n_gt - tp
-    P = tp / (tp + fp) if tp + fp else 0.0
-    R = tp / n_gt if n_gt else 0.0
-    F = 2 * P * R / (P + R) if P + R else 0.0
-    return {"iou": iou, "score_thresh": thr, "chosen": "max F1" if score_thresh is None else "given", "precision": P, "recall": R, "f1": F, "tp": tp, "fp": fp, "fn": fn,
-            "n_truth": n_gt, "curve": {"precision": prec.tolist(), "recall": rec.tolist(), "score": scores.tolist()}}
 
 
 # ----------------------------------------------------------------------------- evaluation

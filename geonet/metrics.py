@@ -5,6 +5,8 @@
 AP50, AP75, AR at the largest ``max_dets``, per-size-bin AP and per-class AP, plus the raw
 precision array for PR curves. Ignore regions are ground truth with ``iscrowd = 1``: COCOeval
 matches detections to them last and counts them as neither true nor false positives.
+:func:`operating_point` reads precision, recall and F1 at one IoU and score threshold (or the
+max-F1 threshold) from the same COCOeval run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["coco_metrics", "coco_from_dicts", "COCO_AREA_BINS"]
+__all__ = ["coco_metrics", "coco_from_dicts", "operating_point", "COCO_AREA_BINS"]
 
 #: COCO's own size bins in square pixels: small < 32^2, medium < 96^2, large.
 COCO_AREA_BINS = (("small", 0.0, 32.0 ** 2), ("medium", 32.0 ** 2, 96.0 ** 2), ("large", 96.0 ** 2, 1e10))
@@ -118,3 +120,58 @@ def coco_metrics(gt: dict, detections: Sequence[dict], *, iou_thresholds: Sequen
     if keep_eval:
         out["_eval"] = ev
     return out
+
+
+def operating_point(ev, iou: float, *, score_thresh: float | None = None, cat_ids=None) -> dict:
+    """Precision/recall/F1 and TP/FP/FN at one IoU from a COCOeval run whose ``iouThrs`` include ``iou``.
+
+    COCOeval matches greedily by descending score, so the matches of the detections above a score
+    threshold are the same as if only those detections existed: one pass gives the whole
+    precision-recall curve. The area range is "all" and the detection limit the last ``maxDets``.
+
+    Returns:
+        ``{"iou", "score_thresh", "precision", "recall", "f1", "tp", "fp", "fn", "curve": {...}}``;
+        ``score_thresh`` is the given one or the score that maximises F1.
+    """
+    p = ev.params
+    t = int(np.flatnonzero(np.isclose(p.iouThrs, iou))[0])
+    scores, tps, n_gt = [], [], 0
+    cats = cat_ids if cat_ids is not None else p.catIds
+    for e in ev.evalImgs:
+        if e is None or e["aRng"] != p.areaRng[0] or e["maxDet"] != p.maxDets[-1] or e["category_id"] not in cats:
+            continue
+        dt_ig = np.asarray(e["dtIgnore"])[t] if len(e["dtIds"]) else np.zeros(0, bool)
+        dt_m = np.asarray(e["dtMatches"])[t] if len(e["dtIds"]) else np.zeros(0)
+        keep = ~dt_ig.astype(bool)
+        scores.extend(np.asarray(e["dtScores"])[keep].tolist())
+        tps.extend((dt_m[keep] > 0).tolist())
+        n_gt += int((~np.asarray(e["gtIgnore"]).astype(bool)).sum())
+    scores = np.asarray(scores, dtype=float)
+    tps = np.asarray(tps, dtype=bool)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, tps = scores[order], tps[order]
+    ctp = np.cumsum(tps)
+    cfp = np.cumsum(~tps)
+    prec = ctp / np.maximum(ctp + cfp, 1)
+    rec = ctp / max(n_gt, 1)
+    f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)
+    if score_thresh is None:
+        if len(scores):
+            # only the last detection of a run of equal scores is a valid cut
+            valid = np.r_[scores[1:] != scores[:-1], True]
+            k = int(np.argmax(np.where(valid, f1, -1)))
+            thr = float(scores[k])
+        else:
+            thr = 1.0
+    else:
+        thr = float(score_thresh)
+    n_kept = int((scores >= thr).sum())
+    tp = int(ctp[n_kept - 1]) if n_kept else 0
+    fp = int(cfp[n_kept - 1]) if n_kept else 0
+    fn = n_gt - tp
+    P = tp / (tp + fp) if tp + fp else 0.0
+    R = tp / n_gt if n_gt else 0.0
+    F = 2 * P * R / (P + R) if P + R else 0.0
+    return {"iou": iou, "score_thresh": thr, "chosen": "max F1" if score_thresh is None else "given",
+            "precision": P, "recall": R, "f1": F, "tp": tp, "fp": fp, "fn": fn, "n_truth": n_gt,
+            "curve": {"precision": prec.tolist(), "recall": rec.tolist(), "score": scores.tolist()}}

@@ -55,7 +55,7 @@ from geonet.chip import ChipConfig, plan_chips
 from geonet.datasets import ChipDataset, RasterWindowDataset, band_stats, collate, load_coco, load_voc
 from geonet.errors import InputError, RunError
 from geonet.labels import LabelIndex, read_labels
-from geonet.metrics import coco_metrics
+from geonet.metrics import coco_metrics, operating_point
 from geonet.model import ModelConfig, build_model
 from geonet.raster import describe_raster, find_rasters
 
@@ -493,8 +493,11 @@ def _make_module(model, model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoc
                 torch.distributed.all_gather_object(gathered, dets)
                 dets = [d for part in gathered for d in part]
             dets = [d for d in dets if 1 <= d["category_id"] <= len(classes)]
-            m = coco_metrics(self.val_gt, dets)
+            m = coco_metrics(self.val_gt, dets, keep_eval=True)
             m.pop("precision", None)
+            op = operating_point(m.pop("_eval"), 0.5)
+            if op["tp"] > 0:  # the score that maximises F1 at IoU 0.5: detection's default threshold
+                m["operating_point"] = {k: op[k] for k in ("iou", "score_thresh", "precision", "recall", "f1")}
             self.last_metrics = m
             self.log("val/AP", m["AP"], prog_bar=True, sync_dist=False)
             self.log("val/AP50", m["AP50"], prog_bar=True, sync_dist=False)

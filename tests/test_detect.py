@@ -31,7 +31,7 @@ from seams import count_errors, seam_objects
 BASE = 1000  # object k has pixel value BASE + 100 * k
 
 
-def make_ckpt(path, *, bands=1, dtype="uint16", gsd=0.1, chip=128, max_box=40, classes=("thing",)):
+def make_ckpt(path, *, bands=1, dtype="uint16", gsd=0.1, chip=128, max_box=40, classes=("thing",), metrics=None):
     cfg = ModelConfig(backbone="resnet18", num_classes=len(classes), in_channels=bands, mean=[100.0] * bands,
                       std=[50.0] * bands, anchor_sizes=(16, 32, 64, 128, 256))
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def make_ckpt(path, *, bands=1, dtype="uint16", gsd=0.1, chip=128, max_box=40, c
             "gsd": [gsd, gsd], "chip_size": chip,
             "box_stats": {"width": [5, 8, 20, 35, max_box], "height": [5, 8, 20, 35, max_box],
                           "side": [5, 8, 20, 35, max_box]},
-            "train_config": {}, "metrics": {}, "epoch": 0}
+            "train_config": {}, "metrics": metrics or {}, "epoch": 0}
     save_checkpoint(path, model, cfg, meta)
     return path
 
@@ -293,3 +293,15 @@ def test_real_model_cli_runs(tmp_path):
                                    "--workers", "2", "--preview", str(tmp_path / "p.png"), "--score-thresh", "0.5"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "p.png").exists() and (tmp_path / "o.qml").exists()
+
+
+def test_default_score_threshold_is_the_validation_operating_point(tmp_path):
+    plain = Detector(make_ckpt(tmp_path / "a.pt"))
+    assert plain.model.score_thresh == pytest.approx(0.05) and plain.score_source == "model default"
+    op = {"operating_point": {"iou": 0.5, "score_thresh": 0.37, "precision": 0.6, "recall": 0.5, "f1": 0.55}}
+    ck = make_ckpt(tmp_path / "b.pt", metrics=op)
+    det = Detector(ck)
+    assert det.model.score_thresh == pytest.approx(0.37) and "max F1" in det.score_source
+    given = Detector(ck, score_thresh=0.05)
+    assert given.model.score_thresh == pytest.approx(0.05) and given.score_source == "given"
+

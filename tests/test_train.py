@@ -221,6 +221,8 @@ def test_detector_learns_synthetic_objects(tmp_path):
     loss = df.dropna(subset=["train/loss_epoch"])["train/loss_epoch"].to_numpy()
     assert loss[-3:].mean() < 0.7 * loss[:2].mean()
     assert res.best_metrics["AP50"] > 0.3
+    op = read_checkpoint(Path(res.run_dir) / "best.pt")["metrics"]["operating_point"]
+    assert op["iou"] == 0.5 and 0.05 <= op["score_thresh"] < 1 and op["f1"] > 0.3
 
 
 def test_train_from_chip_folder_and_voc(scenes):
