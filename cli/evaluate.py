@@ -47,7 +47,7 @@ def command(predictions, truth, output, aoi, class_field, layer, score_field, pr
             raise InputError("pass either PREDICTIONS or --model with --imagery, not both.")
         if not imagery:
             raise InputError("--model needs --imagery (the scenes to detect on).")
-        predictions = _detect_first(model, imagery, output)
+        predictions = _detect_first(model, imagery, output, overwrite=overwrite)
     if not predictions:
         raise InputError("no PREDICTIONS given.", fix="pass the output of `geonet detect`, or --model with --imagery.")
     try:
@@ -73,21 +73,23 @@ def command(predictions, truth, output, aoi, class_field, layer, score_field, pr
     click.echo(f"report: {Path(output) / 'report.md'}")
 
 
-def _detect_first(model, imagery, output):
-    """Run `geonet detect` into OUTPUT-detections/ (one GeoJSON per scene) and return the files."""
-    from geonet.detect import DetectConfig, detect
+def _detect_first(model, imagery, output, *, overwrite: bool):
+    """Run `geonet detect` into OUTPUT-detections/ (one GeoJSON per scene) and return those files.
+
+    Scenes already detected there are kept (resume), unless ``overwrite`` (the model may have changed).
+    Detection keeps the model's own low threshold (0.05 by default), not the checkpoint's operating
+    point: AP needs the whole precision-recall curve.
+    """
+    from geonet.checkpoint import read_checkpoint
+    from geonet.detect import DetectConfig, detect, resolve_outputs
 
     out = Path(output)
     det_dir = out.parent / (out.name + "-detections")
-    make_parent(out)
-    det_dir.mkdir(exist_ok=True)
+    make_parent(det_dir / "x")
     click.echo(f"detecting into {det_dir}/", err=True)
-    from geonet.checkpoint import read_checkpoint
-
-    # the model's own threshold (0.05 by default), not the operating point: AP needs the whole PR curve
     low = float(read_checkpoint(model)["model_config"]["score_thresh"])
-    rep = detect(list(imagery), str(det_dir) + "/",
-                 DetectConfig(model=model, format="geojson", resume=True, score_thresh=low), show_progress=True)
+    cfg = DetectConfig(model=model, format="geojson", resume=not overwrite, score_thresh=low)
+    rep = detect(list(imagery), str(det_dir) + "/", cfg, show_progress=True)
     if rep.failed:
         raise InputError(f"{rep.failed} scene(s) failed to detect (see above).")
-    return sorted(str(p) for p in det_dir.glob("*.geojson"))
+    return [str(o) for o in resolve_outputs(list(imagery), str(det_dir) + "/", "geojson")[1]]

@@ -228,7 +228,8 @@ def test_empty_predictions_score_zero(tmp_path):
 def test_cli_detect_then_evaluate(tmp_path):
     from test_detect import make_ckpt, scene
 
-    ck = make_ckpt(tmp_path / "m.pt")
+    # an operating point of 0.9 must not cut the detections that evaluation scores
+    ck = make_ckpt(tmp_path / "m.pt", metrics={"operating_point": {"iou": 0.5, "score_thresh": 0.9}})
     objects = np.array([[10.0, 10, 30, 30], [100, 120, 140, 150]])
     s = scene(tmp_path, objects, 256, 256)
     from geonet.georef import pixel_boxes_to_polygons
@@ -240,6 +241,13 @@ def test_cli_detect_then_evaluate(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep-detections" / "scene.geojson").exists()
     assert "2 truth objects" in res.output
+    meta = json.loads((tmp_path / "rep-detections" / "scene.geojson").read_text())["geonet"]
+    assert meta["score_thresh"] == pytest.approx(0.05)
+    # a stray file in the detections folder is not evaluated
+    (tmp_path / "rep-detections" / "other.geojson").write_text("not json")
+    res = CliRunner().invoke(cli, ["evaluate", "--model", str(ck), "--imagery", str(s), "--truth",
+                                   str(tmp_path / "t.gpkg"), "-o", str(tmp_path / "rep"), "--overwrite"])
+    assert res.exit_code == 0, res.output
 
 
 def test_sites_in_several_utm_zones(tmp_path):
