@@ -8,7 +8,8 @@ VOC image sets. The model is :func:`geonet.model.build_model`.
 Run folder (``-o runs/NAME``):
 
 * ``config.yaml``: the resolved options; ``model_config.json``: the model's configuration;
-  ``split.json``: the images and windows of the train and val splits;
+  ``split.json``: the images and windows of the train and val splits; ``val_area.geojson``: the
+  ground of the val split (EPSG:4326), the ``--aoi`` for evaluating on held-out ground only;
 * ``last.ckpt``: Lightning's resumable checkpoint (model, optimizer, schedule, loop state), written
   atomically at the end of every epoch, and once before the first step, so a run stopped at any point
   (Ctrl-C included) can continue with ``--resume``;
@@ -356,6 +357,40 @@ def split_listing(data: TrainData) -> dict:
     return out
 
 
+def val_area(data: TrainData):
+    """Ground the validation split covers: the union of its windows (EPSG:4326), or ``None``.
+
+    Only for georeferenced sources (imagery + labels, or chips that carry ``crs`` and ``transform``).
+    Written as ``val_area.geojson``, it is the ``--aoi`` that evaluates a model on held-out ground only.
+    """
+    import shapely
+
+    from geonet.georef import affine_from_list, pixel_boxes_to_polygons, to_crs
+
+    ds = data.val
+    if ds is None:
+        return None
+    parts = []
+    for i in range(len(ds)):
+        if isinstance(ds, RasterWindowDataset):
+            info = ds.info(i)
+            crs, transform = info.crs, info.transform
+            x, y, w, h = ds.specs[i].window
+            box = [max(x, 0), max(y, 0), min(x + w, info.width), min(y + h, info.height)]
+        else:
+            m = ds.records[i].meta
+            if not m.get("crs") or not m.get("transform"):
+                return None
+            crs, transform = m["crs"], affine_from_list(m["transform"])
+            w, h = ds.image_size(i)
+            box = [0, 0, w, h]
+        if crs is None:
+            return None
+        poly = pixel_boxes_to_polygons(np.array([box], dtype=float), transform)
+        parts.append(to_crs(poly, crs, "EPSG:4326")[0])
+    return shapely.union_all(np.array(parts, dtype=object)) if parts else None
+
+
 def _sample_gsd(ds, i: int) -> tuple[float, float] | None:
     """GSD ``(x, y)`` in metres of sample ``i`` (``None`` when not georeferenced)."""
     if isinstance(ds, RasterWindowDataset):
@@ -684,6 +719,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             tmp.write_text(json.dumps(split_listing(data), indent=1))
         with atomic_file(run / "model_config.json") as tmp:
             tmp.write_text(json.dumps(model_cfg.to_dict(), indent=2))
+        area = val_area(data)
+        if area is not None:
+            import geopandas as gpd
+
+            with atomic_file(run / "val_area.geojson") as tmp:
+                gpd.GeoDataFrame({"split": ["val"]}, geometry=[area], crs="EPSG:4326").to_file(tmp, driver="GeoJSON")
 
     cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():

@@ -233,6 +233,7 @@ def test_train_from_chip_folder_and_voc(scenes):
     r = train(TrainConfig(output=str(tmp / "from_chips"), chips=str(tmp / "chips"), backbone="resnet18", epochs=1,
                           batch_size=2, limit_train_batches=1, anchor_sizes=[16, 32, 64, 128, 256]), progress=False)
     assert r.n_val > 0 and read_checkpoint(tmp / "from_chips" / "best.pt")["chip_size"] == 64
+    assert len(gpd.read_file(tmp / "from_chips" / "val_area.geojson")) == 1  # chips carry their georeferencing
     # validation ground truth uses the image ids the samples carry (the chips' COCO ids, not positions)
     ann = tmp / "chips" / "annotations.json"
     coco = json.loads(ann.read_text())
@@ -277,3 +278,24 @@ def test_resume_warns_only_about_options_that_differ():
     assert not _differs(cfg, "split", "val=0.2")
     assert not _differs(cfg, "anchor_sizes", "32,64")
     assert _differs(cfg, "anchor_sizes", "16,64")
+
+
+def test_val_area_is_the_ground_of_the_val_split(scenes):
+    """val_area.geojson covers exactly the val windows: the --aoi for a held-out evaluation."""
+    import shapely
+
+    from geonet.train import split_listing, val_area
+
+    tmp, rasters, labels = scenes
+    data = prepare_data(TrainConfig(output="unused", imagery=rasters, labels=labels, size=64, val_fraction=0.25))
+    area = val_area(data)
+    val_sources = {Path(v["source"]).name for v in split_listing(data)["val"]}
+    assert val_sources and area is not None and area.area > 0
+    for r in rasters:  # each scene is 128 px at 0.1 m: inside the area iff it is a val scene
+        from geonet.raster import describe_raster
+        from geonet.georef import to_crs
+
+        info = describe_raster(r)
+        centre = to_crs(np.array([info.footprint().centroid], dtype=object), info.crs, "EPSG:4326")[0]
+        assert shapely.contains(area, centre) == (Path(r).name in val_sources)
+
