@@ -391,6 +391,33 @@ def val_area(data: TrainData):
     return shapely.union_all(np.array(parts, dtype=object)) if parts else None
 
 
+def _keep_csv_history(logger, run: Path) -> None:
+    """Carry the epochs ``last.ckpt`` holds over into the resumed run's ``metrics.csv``.
+
+    Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; on ``--resume`` that
+    would lose the history of the epochs before the interruption. The rows of the epochs the checkpoint
+    completed (every epoch up to its ``epoch`` unless it was saved before the first step) are written
+    back, and the writer appends after them.
+    """
+    import csv
+
+    path = run / "metrics.csv"
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = list(reader.fieldnames or []), list(reader)
+    ck = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
+    done = int(ck["epoch"]) if int(ck.get("global_step", 0)) > 0 else -1
+    rows = [r for r in rows if r.get("epoch") not in (None, "") and float(r["epoch"]) <= done]
+    exp = logger.experiment  # creating it deletes metrics.csv
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    exp.metrics_keys = sorted(header)
+
+
 def _sample_gsd(ds, i: int) -> tuple[float, float] | None:
     """GSD ``(x, y)`` in metres of sample ``i`` (``None`` when not georeferenced)."""
     if isinstance(ds, RasterWindowDataset):
@@ -750,6 +777,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     module = _make_module(model, model_cfg, cfg, steps_per_epoch, data.val_gt, data.classes)
     callbacks = _make_callbacks(cfg, model_cfg, data, resume) + list(extra_callbacks)
     loggers = [pl.loggers.CSVLogger(save_dir=str(run), name="", version="")]
+    if resume and cfg.devices <= 1:
+        _keep_csv_history(loggers[0], run)
     try:
         loggers.append(pl.loggers.TensorBoardLogger(save_dir=str(run), name="tb", version="",
                                                     default_hp_metric=False))

@@ -111,6 +111,10 @@ def test_resume_after_ctrl_c_gives_identical_weights(scenes):
     assert a["epoch"] == b["epoch"] == 2
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+    # the log keeps the epochs before the interruption, once each
+    la, lb = (pd.read_csv(tmp / r / "metrics.csv").dropna(subset=["train/loss_epoch"]) for r in ("straight", "cut"))
+    assert list(lb["epoch"]) == list(la["epoch"]) == [0, 1, 2]
+    assert np.allclose(lb["train/loss_epoch"], la["train/loss_epoch"])
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(scenes):
