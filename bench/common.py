@@ -16,8 +16,55 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (``ru_maxrss`` is KiB on Linux)."""
+    """Peak resident set size of this process in MiB.
+
+    ``VmHWM`` from ``/proc/self/status`` where there is one: Linux copies the parent's ``ru_maxrss``
+    into a child across ``exec``, so ``getrusage`` in a fresh ``subprocess`` reports at least the
+    parent's peak. Elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakTreeRss:
+    """Peak summed RSS (MiB) of this process and all its children (reader workers), sampled every ``dt`` s."""
+
+    def __init__(self, dt: float = 0.05):
+        import threading
+
+        import psutil
+
+        self.dt, self.peak_mb, self._proc = dt, 0.0, psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> float:
+        total = self._proc.memory_info().rss
+        for c in self._proc.children(recursive=True):
+            try:
+                total += c.memory_info().rss
+            except Exception:  # a worker that just exited
+                pass
+        return total / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._sample())
+            self._stop.wait(self.dt)
+
+    def __enter__(self) -> PeakTreeRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def synthetic_scene(path: Path, width: int, height: int, *, seed: int = 0, n_objects: int | None = None,

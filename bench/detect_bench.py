@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, device_line, mosaic_vrt, peak_rss_mb, random_checkpoint, synthetic_scene  # noqa: E402
+from common import (PeakTreeRss, Timer, device_line, mosaic_vrt, peak_rss_mb, random_checkpoint,  # noqa: E402
+                    synthetic_scene)
 
 from geonet.detect import DetectConfig, Detector, _TileBatches, _batches, _fill_values, detect_scene, plan_scene  # noqa: E402
 
@@ -115,10 +116,11 @@ def rss_child(size: int, mode: str, backbone: str) -> None:
     det = (NullDetector if mode == "null" else Detector)(ck)
     cfg = DetectConfig(model=str(ck), workers=2)
     base = peak_rss_mb()
-    with Timer() as t:
+    with Timer() as t, PeakTreeRss() as tree:
         res = detect_scene(vrt, det, cfg, tmp / "out.gpkg")
     print(json.dumps({"size": size, "tiles": res.tiles, "detections": res.detections, "seconds": t.s,
-                      "peak_rss_mb": peak_rss_mb(), "rss_before_mb": base, "max_boxes_held": res.max_boxes_held}))
+                      "peak_rss_mb": peak_rss_mb(), "rss_before_mb": base, "peak_tree_rss_mb": tree.peak_mb,
+                      "max_boxes_held": res.max_boxes_held}))
 
 
 def main() -> None:
@@ -156,7 +158,9 @@ def main() -> None:
         row = json.loads(p.stdout.strip().splitlines()[-1])
         results["rss"].append(row)
         print(f"RSS {size:>6} px ({row['tiles']:>6} tiles, {row['detections']:>8} boxes, {row['seconds']:7.1f} s, "
-              f"{args.rss_model} model): peak {row['peak_rss_mb']:7.0f} MiB, merge held at most "
+              f"{args.rss_model} model): peak {row['peak_rss_mb']:6.0f} MiB (main process, "
+              f"{row['rss_before_mb']:.0f} before detection), {row['peak_tree_rss_mb']:6.0f} MiB with reader workers; "
+              f"merge held at most "
               f"{row['max_boxes_held']} boxes")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
