@@ -51,7 +51,7 @@ from geonet.chip import connected_components
 from geonet.errors import InputError
 from geonet.georef import to_crs
 from geonet.labels import read_labels
-from geonet.metrics import coco_metrics, operating_point
+from geonet.metrics import COCO_AREA_BINS, coco_metrics, operating_point
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +289,8 @@ class EvalReport:
     seconds: float
     out_dir: str | None = None
     class_map: dict = field(default_factory=dict)
+    area_bins: tuple[float, float] = (10.0, 100.0)  # small < lo <= medium < hi <= large
+    area_unit: str = "m²"
 
     def to_dict(self) -> dict:
         m = {k: v for k, v in self.metrics.items() if k not in ("precision", "_eval")}
@@ -296,7 +298,9 @@ class EvalReport:
         pco = {c: {k: v for k, v in o.items() if k != "curve"} for c, o in self.per_class_operating.items()}
         return {"metrics": m, "operating_point": op, "per_class_operating_point": pco, "crs": self.crs,
                 "n_predictions": self.n_predictions, "n_truth": self.n_truth, "aoi": self.aoi,
-                "seconds": self.seconds, "class_map": self.class_map}
+                "seconds": self.seconds, "class_map": self.class_map,
+                "area_bins": {"small": [0, self.area_bins[0]], "medium": list(self.area_bins),
+                              "large": [self.area_bins[1], None], "unit": self.area_unit}}
 
 
 def _reconcile_classes(pred_names: np.ndarray, truth_classes: list[str], cfg: EvalConfig) -> tuple[np.ndarray, dict]:
@@ -409,7 +413,7 @@ def evaluate(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_dir: s
     ev = op_metrics["_eval"]
     op = operating_point(ev, cfg.iou, score_thresh=cfg.score_thresh)
     per_class = {c: operating_point(ev, cfg.iou, score_thresh=op["score_thresh"], cat_ids=[cid[c]]) for c in classes}
-    rep = EvalReport(metrics=metrics, operating=op, per_class_operating=per_class, crs=crs_desc,
+    rep = EvalReport(metrics=metrics, operating=op, per_class_operating=per_class, crs=crs_desc, area_bins=(lo, hi),
                      n_predictions=len(pb), n_truth=len(tb), aoi=aoi_desc, seconds=0.0, class_map=mapping)
     if out_dir is not None:
         matches = _matches(ev, cfg.iou, op["score_thresh"], dets, gt)
@@ -499,7 +503,7 @@ def _markdown(rep: EvalReport, classes: list[str]) -> str:
         "# geonet evaluation", "",
         f"- truth objects in the AOI: {rep.n_truth}; predictions scored: {rep.n_predictions}",
         f"- metric CRS: {rep.crs}; AOI: {rep.aoi}",
-        f"- area bins (m²): {', '.join(k[3:] for k in m if k.startswith('AP_'))}", "",
+        f"- area bins ({rep.area_unit}): small < {rep.area_bins[0]:g} <= medium < {rep.area_bins[1]:g} <= large", "",
         "| metric | value |", "|---|---|",
         f"| AP@[.5:.95] | {_fmt(m['AP'])} |", f"| AP50 | {_fmt(m['AP50'])} |", f"| AP75 | {_fmt(m['AP75'])} |",
         f"| AR@100 | {_fmt(m.get('AR@100'))} |",
@@ -573,7 +577,8 @@ def evaluate_coco(gt_path: str | os.PathLike[str], dt_path: str | os.PathLike[st
     per_class = {c: operating_point(op_m["_eval"], cfg.iou, score_thresh=op["score_thresh"], cat_ids=[ids[c]])
                  for c in classes}
     rep = EvalReport(metrics=metrics, operating=op, per_class_operating=per_class, crs="pixels",
-                     n_predictions=len(dets), n_truth=metrics["n_truth"], aoi="COCO images", seconds=0.0)
+                     n_predictions=len(dets), n_truth=metrics["n_truth"], aoi="COCO images", seconds=0.0,
+                     area_bins=(COCO_AREA_BINS[0][2], COCO_AREA_BINS[1][2]), area_unit="px²")
     if out_dir is not None:
         with atomic_dir(out_dir) as tmp:
             (tmp / "report.json").write_text(json.dumps(rep.to_dict(), indent=2, default=float))

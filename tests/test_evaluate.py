@@ -129,7 +129,7 @@ def test_operating_point_and_inspection_layers(tmp_path):
         for layer, n in (("tp", op["tp"]), ("fp", op["fp"]), ("fn", op["fn"])):
             assert len(gpd.read_file(tmp_path / f"r{iou}" / "inspection.gpkg", layer=layer)) == n
         md = (tmp_path / f"r{iou}" / "report.md").read_text()
-        assert "AP50" in md and f"IoU {iou:g}" in md
+        assert "AP50" in md and f"IoU {iou:g}" in md and "small < 10 <= medium < 100 <= large" in md
 
 
 def test_area_bins_in_square_metres(tmp_path):
