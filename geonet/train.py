@@ -583,7 +583,47 @@ def _make_module(model, model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoc
     return DetectorModule()
 
 
-def _make_callbacks(cfg: TrainConfig, model_cfg: ModelConfig, data: TrainData, resume: bool):
+class _DeferredInterrupt:
+    """Ctrl-C during training: stop at the next batch boundary, in the main loop.
+
+    Python delivers SIGINT as a ``KeyboardInterrupt`` wherever the main thread happens to be; raised
+    inside a finaliser (``__del__``, a weakref callback) it is printed and swallowed, and training
+    carries on (seen once in CI). The handler here only sets a flag; :meth:`check`, called from the
+    batch and epoch hooks, raises ``KeyboardInterrupt`` there, so Lightning's graceful shutdown runs
+    and the last complete epoch's checkpoint is kept. A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _make_callbacks(cfg: TrainConfig, model_cfg: ModelConfig, data: TrainData, resume: bool,
+                    interrupt: _DeferredInterrupt | None = None):
     pl = _lightning()
     run = Path(cfg.output)
 
@@ -628,6 +668,19 @@ def _make_callbacks(cfg: TrainConfig, model_cfg: ModelConfig, data: TrainData, r
             self._save_resume(trainer)
 
     callbacks = [RunCheckpoint(), pl.callbacks.LearningRateMonitor(logging_interval="step")]
+    if interrupt is not None:
+
+        class StopOnCtrlC(pl.Callback):
+            def on_train_batch_end(self, *args, **kwargs):
+                interrupt.check()
+
+            def on_validation_batch_end(self, *args, **kwargs):
+                interrupt.check()
+
+            def on_train_epoch_start(self, *args, **kwargs):
+                interrupt.check()
+
+        callbacks.append(StopOnCtrlC())
     if cfg.early_stopping > 0 and data.val is not None:
         callbacks.append(pl.callbacks.EarlyStopping(monitor="val/AP", mode="max", patience=cfg.early_stopping))
     return callbacks
@@ -775,7 +828,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     steps_per_epoch = len(train_loader) if cfg.limit_train_batches is None else min(len(train_loader),
                                                                                   cfg.limit_train_batches)
     module = _make_module(model, model_cfg, cfg, steps_per_epoch, data.val_gt, data.classes)
-    callbacks = _make_callbacks(cfg, model_cfg, data, resume) + list(extra_callbacks)
+    interrupt = _DeferredInterrupt()
+    callbacks = _make_callbacks(cfg, model_cfg, data, resume, interrupt) + list(extra_callbacks)
     loggers = [pl.loggers.CSVLogger(save_dir=str(run), name="", version="")]
     if resume and cfg.devices <= 1:
         _keep_csv_history(loggers[0], run)
@@ -799,8 +853,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         try:
-            trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
-                        ckpt_path=str(run / "last.ckpt") if resume else None, weights_only=True)
+            with interrupt:
+                trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
+                            ckpt_path=str(run / "last.ckpt") if resume else None, weights_only=True)
         except SystemExit:  # Lightning's handling of KeyboardInterrupt ends with sys.exit(1)
             done = trainer.current_epoch
             raise TrainingInterrupted(

@@ -117,6 +117,26 @@ def test_resume_after_ctrl_c_gives_identical_weights(scenes):
     assert np.allclose(lb["train/loss_epoch"], la["train/loss_epoch"])
 
 
+def test_ctrl_c_delivered_inside_a_finaliser_still_stops(scenes):
+    """A SIGINT that lands in a __del__ would be swallowed by Python; training must still stop."""
+    import lightning.pytorch as pl
+
+    class Finaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    class CtrlCInDel(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                Finaliser()  # collected at once: the signal arrives inside __del__
+
+    tmp, rasters, labels = scenes
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tmp, rasters, labels, "del", epochs=3, limit_train_batches=3), progress=False,
+              extra_callbacks=[CtrlCInDel()])
+    assert read_checkpoint(tmp / "del" / "last.pt")["epoch"] == 0
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(scenes):
     tmp, rasters, labels = scenes
     cfg = _cfg(tmp, rasters, labels, epochs=3, limit_train_batches=3, optimizer="sgd", lr=1e9, grad_clip=None,
