@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from geonet.atomic import make_parent
+from geonet.atomic import make_dir
 from geonet.errors import InputError
 from geonet.evaluate import ClassMismatch, EvalConfig, evaluate, evaluate_coco, is_coco_json, parse_class_map
 
@@ -85,7 +85,7 @@ def _detect_first(model, imagery, output, *, overwrite: bool):
 
     out = Path(output)
     det_dir = out.parent / (out.name + "-detections")
-    make_parent(det_dir / "x")
+    make_dir(det_dir)
     click.echo(f"detecting into {det_dir}/", err=True)
     low = float(read_checkpoint(model)["model_config"]["score_thresh"])
     cfg = DetectConfig(model=model, format="geojson", resume=not overwrite, score_thresh=low)

@@ -15,21 +15,25 @@ from pathlib import Path
 
 from geonet.errors import InputError
 
-__all__ = ["atomic_dir", "atomic_file", "check_output_dir", "make_parent"]
+__all__ = ["atomic_dir", "atomic_file", "check_output_dir", "make_dir", "make_parent"]
+
+
+def make_dir(folder: str | os.PathLike[str], *, option: str = "-o", path: str | os.PathLike[str] | None = None) -> None:
+    """Create ``folder`` and its missing parents (``mkdir -p``); ``path`` names the option's value in errors.
+
+    Raises:
+        InputError: it cannot be created (permissions, or a file in the way).
+    """
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{option} {path if path is not None else folder}: cannot create the folder {folder} "
+                         f"({exc.strerror or exc}).", fix="choose a writable location.") from None
 
 
 def make_parent(path: str | os.PathLike[str], *, option: str = "-o") -> None:
-    """Create the missing parent folders of an output ``path`` (``mkdir -p``).
-
-    Raises:
-        InputError: a parent cannot be created (permissions, or a file in the way).
-    """
-    parent = Path(path).parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{option} {path}: cannot create the folder {parent} ({exc.strerror or exc}).",
-                         fix="choose a writable location.") from None
+    """Create the missing parent folders of an output ``path`` (see :func:`make_dir`)."""
+    make_dir(Path(path).parent, option=option, path=path)
 
 
 def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool, option: str = "-o") -> Path:

@@ -42,7 +42,7 @@ from rasterio.windows import Window
 from torchvision.models.detection.image_list import ImageList
 
 import geonet
-from geonet.atomic import make_parent
+from geonet.atomic import make_dir
 from geonet.checkpoint import file_sha256, load_checkpoint
 from geonet.chip import crs_label
 from geonet.errors import GeonetError, InputError
@@ -542,7 +542,7 @@ def resolve_outputs(scenes: Sequence[str], output: str | os.PathLike[str], fmt: 
     if out.suffix.lower() in (".geojson", ".gpkg", ".shp", ".json") and not out.is_dir():
         raise InputError(f"-o {out}: {len(paths)} scenes need an output folder, not a file.",
                          fix="pass -o OUTDIR/ (a folder).")
-    make_parent(out / "x")
+    make_dir(out)
     ext = {"geojson": ".geojson", "gpkg": ".gpkg", "shp": ".shp"}.get(fmt)
     if ext is None:
         raise InputError(f"--format {fmt!r}: choose geojson, gpkg or shp.")
