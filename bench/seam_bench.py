@@ -34,9 +34,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from seams import count_errors, oracle_tiles, seam_objects  # noqa: E402
+from seams import count_errors, oracle_tiles, seam_objects, stream_merge  # noqa: E402
 
-from geonet.merge import SeamMerger, TileGrid  # noqa: E402
+from geonet.merge import TileGrid  # noqa: E402
 
 
 def raw(grid, tiles):
@@ -49,14 +49,7 @@ def raw(grid, tiles):
 
 
 def geonet_merge(grid, tiles):
-    m = SeamMerger(grid)
-    out = []
-    for r in range(len(grid.ys)):
-        for c in range(len(grid.xs)):
-            m.add(r, c, *tiles[(r, c)])
-            out.append(m.pop_final())
-    out.append(m.finish())
-    return np.concatenate([o.boxes for o in out if len(o)])
+    return stream_merge(grid, tiles)[0]
 
 
 def sahi_merge(p, kind):

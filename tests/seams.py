@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from geonet.merge import TileGrid
+from geonet.merge import SeamMerger, TileGrid
 
 
 def seam_objects(grid: TileGrid, rng, *, size=(12, 40), per_seam=3):
@@ -100,3 +100,17 @@ def count_errors(objects, boxes, *, tol=0.5):
         if not (short <= tol).any():
             missed += 1
     return dup, trunc, missed
+
+
+def stream_merge(grid: TileGrid, tiles: dict, **kw) -> tuple[np.ndarray, SeamMerger]:
+    """Feed ``tiles`` ``{(row, col): (boxes, scores, labels)}`` to a :class:`SeamMerger` in row-major
+    order, as detection does, and return every merged box ``[N, 4]`` and the merger."""
+    m = SeamMerger(grid, **kw)
+    parts = []
+    for r in range(len(grid.ys)):
+        for c in range(len(grid.xs)):
+            m.add(r, c, *tiles[(r, c)])
+            parts.append(m.pop_final())
+    parts.append(m.finish())
+    boxes = np.concatenate([p.boxes for p in parts if len(p)]) if any(len(p) for p in parts) else np.zeros((0, 4))
+    return boxes, m

@@ -3,20 +3,8 @@ import pytest
 import torch
 from torchvision.ops import batched_nms
 
-from geonet.merge import SeamMerger, TileGrid
-from seams import count_errors, oracle_tiles, seam_objects
-
-
-def _merge(grid, tiles, **kw):
-    m = SeamMerger(grid, **kw)
-    parts = []
-    for r in range(len(grid.ys)):
-        for c in range(len(grid.xs)):
-            m.add(r, c, *tiles[(r, c)])
-            parts.append(m.pop_final())
-    parts.append(m.finish())
-    boxes = np.concatenate([p.boxes for p in parts if len(p)]) if any(len(p) for p in parts) else np.zeros((0, 4))
-    return boxes, m
+from geonet.merge import TileGrid
+from seams import count_errors, oracle_tiles, seam_objects, stream_merge
 
 
 def _plain_nms(grid, tiles, iou=0.5):
@@ -49,7 +37,7 @@ def test_seams_zero_duplicates_zero_truncated(overlap, seed):
     objects = seam_objects(grid, rng, size=(10, min(40, overlap - 4)))
     assert len(objects) > 60
     tiles = oracle_tiles(grid, objects, rng)
-    boxes, m = _merge(grid, tiles)
+    boxes, m = stream_merge(grid, tiles)
     dup, trunc, missed = count_errors(objects, boxes)
     assert (dup, trunc, missed) == (0, 0, 0)
     # plain NMS on the same tile detections leaves duplicates or half boxes
@@ -62,7 +50,7 @@ def test_jittered_boxes_still_merge():
     grid = TileGrid.build(900, 900, 256, 64)
     objects = seam_objects(grid, rng, size=(12, 50))
     tiles = oracle_tiles(grid, objects, rng, jitter=1.0)
-    boxes, _ = _merge(grid, tiles)
+    boxes, _ = stream_merge(grid, tiles)
     dup, trunc, missed = count_errors(objects, boxes, tol=4.0)  # 4 sigma of the jitter
     assert (dup, trunc, missed) == (0, 0, 0)
 
@@ -73,7 +61,7 @@ def test_cut_boxes_stopping_short_of_the_edge(overlap):
     grid = TileGrid.build(1000, 800, 256, overlap)
     objects = seam_objects(grid, rng, size=(12, overlap - 8))
     tiles = oracle_tiles(grid, objects, rng, shortfall=8.0)
-    boxes, _ = _merge(grid, tiles)
+    boxes, _ = stream_merge(grid, tiles)
     assert count_errors(objects, boxes) == (0, 0, 0)
 
 
@@ -81,7 +69,7 @@ def test_objects_larger_than_overlap_are_unioned():
     grid = TileGrid.build(600, 300, 256, 32)
     obj = np.array([[200.0, 100.0, 300.0, 160.0]])  # 100 px wide, overlap 32: no tile sees it whole
     rng = np.random.default_rng(0)
-    boxes, _ = _merge(grid, oracle_tiles(grid, obj, rng))
+    boxes, _ = stream_merge(grid, oracle_tiles(grid, obj, rng))
     assert len(boxes) == 1 and np.allclose(boxes[0], obj[0])
 
 
@@ -90,7 +78,7 @@ def test_memory_is_bounded_by_rows():
     grid = TileGrid.build(600, 6000, 256, 64)  # 27 tile rows
     objects = seam_objects(grid, rng, size=(10, 40))
     tiles = oracle_tiles(grid, objects, rng)
-    boxes, m = _merge(grid, tiles)
+    boxes, m = stream_merge(grid, tiles)
     per_row = len(objects) * 3 / len(grid.ys) * 4  # generous: detections of ~3 rows
     assert m.max_held < max(per_row, 200) and m.max_held < len(objects)
     assert count_errors(objects, boxes)[:2] == (0, 0)
@@ -99,5 +87,5 @@ def test_memory_is_bounded_by_rows():
 def test_class_aware():
     grid = TileGrid.build(256, 256, 256, 0)
     b = np.array([[10.0, 10, 50, 50], [11, 11, 51, 51]])
-    boxes, _ = _merge(grid, {(0, 0): (b, np.array([0.9, 0.8]), np.array([1, 2]))})
+    boxes, _ = stream_merge(grid, {(0, 0): (b, np.array([0.9, 0.8]), np.array([1, 2]))})
     assert len(boxes) == 2
