@@ -116,18 +116,17 @@ def random_checkpoint(path: Path, *, backbone: str = "resnet18", chip: int = 512
     """A geonet checkpoint with randomly initialised weights (speed does not depend on the weights)."""
     import torch
 
-    from geonet.checkpoint import save_checkpoint
+    from geonet.checkpoint import CheckpointHeader, save_checkpoint
     from geonet.model import ModelConfig, build_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, num_classes=len(classes), mean=[60.0] * 3, std=[30.0] * 3,
                       score_thresh=score_thresh)
     model = build_model(cfg)
-    meta = {"classes": list(classes), "bands": [1, 2, 3], "dtype": "uint8", "nodata": None, "gsd": [0.1, 0.1],
-            "chip_size": chip, "box_stats": {"width": [12, 14, 25, 38, 40], "height": [12, 14, 25, 38, 40],
-                                             "side": [12, 14, 25, 38, 40]},
-            "train_config": {}, "metrics": {}, "epoch": 0}
-    save_checkpoint(path, model, cfg, meta)
+    stats = [12, 14, 25, 38, 40]
+    save_checkpoint(path, model, CheckpointHeader(
+        model_config=cfg, classes=list(classes), bands=[1, 2, 3], dtype="uint8", gsd=[0.1, 0.1], chip_size=chip,
+        box_stats={"width": stats, "height": stats, "side": stats}, epoch=0))
     return path
 
 

@@ -35,16 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (PeakTreeRss, Timer, device_line, mosaic_vrt, peak_rss_mb, random_checkpoint,  # noqa: E402
                     synthetic_scene)
 
-from geonet.detect import DetectConfig, Detector, _TileBatches, _batches, _fill_values, detect_scene, plan_scene  # noqa: E402
+from geonet.detect import (DetectConfig, Detector, TileReader, detect_scene, fill_values, plan_scene,  # noqa: E402
+                           tile_batches)
 
 
 def heavy_checkpoint(path: Path, backbone: str) -> Path:
-    import torch as _t
+    """A random checkpoint that keeps 50 boxes per tile at any score (post-processing at full load)."""
+    from geonet.checkpoint import load_checkpoint, save_checkpoint
 
     random_checkpoint(path, backbone=backbone, score_thresh=0.0)
-    ck = _t.load(path, weights_only=True)
-    ck["model_config"]["detections_per_img"] = 50
-    _t.save(ck, path)
+    model, header = load_checkpoint(path)
+    header.model_config.detections_per_img = 50
+    model.detections_per_img = 50
+    save_checkpoint(path, model, header)
     return path
 
 
@@ -69,7 +72,7 @@ def throughput(args, tmp: Path) -> dict:
     cfg = DetectConfig(model=str(ck), batch_size=args.batch_size, workers=args.workers, amp=args.amp)
     plan = plan_scene(scene, det, cfg)
     bs = args.batch_size or (16 if det.device.type == "cuda" else 2)
-    ds = _TileBatches(plan, _batches(plan.grid, bs), _fill_values(det, plan.info.dtype))
+    ds = TileReader(plan, tile_batches(plan.grid, bs), fill_values(det, plan.info.dtype))
     n_b = min(len(ds), args.model_batches)
     batches = [ds[k]["data"] for k in range(n_b)]
     if det.device.type == "cuda":
@@ -87,9 +90,7 @@ def throughput(args, tmp: Path) -> dict:
     m = det.model
     with torch.inference_mode(), Timer() as t_fwd:
         for b in batches:
-            x = ((b.to(det.device).float() - det.mean) / det.std)
-            if det.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = m.transform.batch(b.to(det.device))
             with torch.autocast(det.device.type, dtype=det.amp_dtype, enabled=det.amp_dtype is not None):
                 m.head(list(m.backbone(x).values()))
         sync()

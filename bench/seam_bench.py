@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from seams import count_errors, oracle_tiles, seam_objects, stream_merge  # noqa: E402
 
-from geonet.merge import TileGrid  # noqa: E402
+from geonet.tiling import TileGrid  # noqa: E402
 
 
 def raw(grid, tiles):
@@ -116,7 +116,7 @@ def train_model(tmp: Path, cache: Path | None = None) -> Path:
     import pandas as pd
     from synth import make_scene
 
-    from geonet.train import TrainConfig, train
+    from geonet.training import TrainConfig, train
 
     frames, rasters = [], []
     for k in range(6):
@@ -125,9 +125,9 @@ def train_model(tmp: Path, cache: Path | None = None) -> Path:
         frames.append(gpd.read_file(lab))
     labels = tmp / "labels.geojson"
     gpd.GeoDataFrame(pd.concat(frames), crs="EPSG:4326").to_file(labels)
-    cfg = TrainConfig(output=str(tmp / "run"), imagery=rasters, labels=str(labels), size=256, stride=192,
-                      backbone="resnet18", epochs=25, batch_size=4, val_fraction=0.2,
-                      anchor_sizes=[16, 32, 64, 128, 256])
+    cfg = TrainConfig.from_options(dict(output=str(tmp / "run"), imagery=rasters, labels=str(labels), size=256,
+                                        stride=192, backbone="resnet18", epochs=25, batch_size=4, val_fraction=0.2,
+                                        anchor_sizes=[16, 32, 64, 128, 256]))
     res = train(cfg, progress=False)
     print(f"trained a synthetic-rectangle detector: val AP50 {res.best_metrics.get('AP50', 0):.3f} in "
           f"{res.seconds:.0f} s", flush=True)

@@ -9,7 +9,7 @@ Data: synthetic 3-band uint8 GeoTIFF scenes with rectangles and vector labels, c
 the same path as ``geonet train --imagery --labels``.
 
 * ``loader``: iterating the DataLoader alone (same workers, batch size, augmentations), images/s;
-* ``train``: ``geonet.train.train`` (Lightning) for ``--steps`` steps: images/s over the steps and the
+* ``train``: ``geonet.training.train`` (Lightning) for ``--steps`` steps: images/s over the steps and the
   fraction of step time spent waiting for the next batch (``data_wait``).
 
 The loader must not be the bottleneck: loader images/s well above train images/s, data wait near 0.
@@ -68,13 +68,14 @@ def main() -> None:
     import torch
 
     from geonet.datasets import collate
-    from geonet.train import EpochSampler, TrainConfig, prepare_data, train
+    from geonet.training import EpochSampler, TrainConfig, prepare_data, train
 
     tmp = Path(tempfile.mkdtemp())
     rasters, labels = make_data(tmp, args.scenes, 1024)
-    cfg = TrainConfig(output=str(tmp / "run"), imagery=rasters, labels=labels, size=512, backbone=args.backbone,
-                      batch_size=args.batch_size, amp=args.amp, workers=args.workers, val_fraction=0.0, epochs=1,
-                      limit_train_batches=args.steps, negative_ratio=0.0)
+    cfg = TrainConfig.from_options(dict(output=str(tmp / "run"), imagery=rasters, labels=labels, size=512,
+                                        backbone=args.backbone, batch_size=args.batch_size, amp=args.amp,
+                                        workers=args.workers, val_fraction=0.0, epochs=1,
+                                        limit_train_batches=args.steps, negative_ratio=0.0))
     cuda = torch.cuda.is_available()
     workers = cfg.workers if cfg.workers is not None else (min(8, torch.get_num_threads()) if cuda else 0)
     # 1) the loader alone, with the augmentations training uses
@@ -93,7 +94,7 @@ def main() -> None:
         if k + 1 >= args.steps:
             break
     loader_ips = n / (time.perf_counter() - t0)
-    # 2) training steps through geonet.train.train (Lightning), same data path
+    # 2) training steps through geonet.training.train (Lightning), same data path
     res = train(cfg, progress=False)
     out = {"device": device_line(), "backbone": args.backbone, "batch_size": args.batch_size, "precision": res.precision,
            "workers": workers, "loader_images_per_s": loader_ips, "train_images_per_s": res.images_per_second,

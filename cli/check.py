@@ -5,30 +5,24 @@ from __future__ import annotations
 import json
 
 import click
-
-from geonet.check import check_inputs
 from geonet.cli.options import bands_opt, class_field_opt, imagery_opt, layer_opt, nodata_opt, point_size_opt, shared
-from geonet.labels import read_labels
-from geonet.raster import find_rasters
+
+from geonet.check import check as check_inputs
 
 
-@click.command("check")
+@click.command("check", short_help="Pre-flight report on imagery and labels (CRS, GSD, bands, boxes).")
 @shared(imagery_opt)
 @click.option("--labels", "labels", default=None, metavar="FILE", help="Vector labels to check against the imagery.")
 @shared(layer_opt, class_field_opt, bands_opt, nodata_opt, point_size_opt)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def command(imagery, labels, layer, class_field, bands, nodata, point_size, as_json):
+def check(imagery, labels, layer, class_field, bands, nodata, point_size, as_json):
     """Report CRS, GSD, size, bands, dtype, nodata and labels for each raster, and box sizes.
 
     Exits 1 when a problem is found (missing CRS, unreadable raster, labels on no raster).
     """
-    paths = find_rasters(imagery)
-    lab = read_labels(labels, layer=layer, class_field=class_field) if labels else None
-    rep = check_inputs([str(p) for p in paths], lab, bands=bands, nodata=nodata, point_size=point_size)
-    if as_json:
-        click.echo(json.dumps(rep.to_dict(), indent=2))
-    else:
-        click.echo(render(rep))
+    rep = check_inputs(imagery, labels, layer=layer, class_field=class_field, bands=bands, nodata=nodata,
+                       point_size=point_size)
+    click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else render(rep))
     return 1 if rep.problems else 0
 
 

@@ -3,47 +3,47 @@
 from __future__ import annotations
 
 import click
+from geonet.cli.options import given, progress_opt
 
-from geonet.detect import DetectConfig, detect
+from geonet.detect import DetectConfig
+from geonet.detect import detect as run_detection
+from geonet.device import AMP_CHOICES, DEVICE_CHOICES
 from geonet.errors import RunError
 
+D = DetectConfig(model="")
 
-@click.command("detect")
+
+@click.command("detect", short_help="Detect objects in whole scenes with a trained checkpoint.")
 @click.argument("scenes", nargs=-1, required=True, metavar="SCENE...")
 @click.option("-m", "--model", required=True, metavar="CKPT", help="Checkpoint from `geonet train` (best.pt).")
 @click.option("-o", "--output", required=True, metavar="FILE|DIR/",
               help="out.geojson / .gpkg / .shp for one scene; an existing folder for several.")
-@click.option("--format", "fmt", type=click.Choice(["geojson", "gpkg", "shp"]), default="geojson", show_default=True,
-              help="Output format when -o is a folder.")
+@click.option("--format", "format", type=click.Choice(["geojson", "gpkg", "shp"]), default=None,
+              show_default=D.format, help="Output format when -o is a folder.")
 @click.option("--tile", type=int, default=None, help="Tile side in pixels [default: the checkpoint's chip size].")
 @click.option("--overlap", default=None, metavar="PX|Nm",
               help="Tile overlap in pixels (64) or metres (6m); at least the largest object "
                    "[default: the largest training box].")
 @click.option("--batch-size", type=int, default=None, help="Tiles per model call [default: 2 on CPU, 16 on CUDA].")
 @click.option("--workers", type=int, default=None, help="Reader processes [default: half the cores, at most 4].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--amp", type=click.Choice(["auto", "32", "bf16", "16"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default=None, show_default=D.device)
+@click.option("--amp", type=click.Choice(AMP_CHOICES), default=None, show_default=D.amp,
               help="Compute precision. auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is ~1.9x faster on CPU).")
 @click.option("--score-thresh", type=float, default=None, help="Minimum score [default: the checkpoint's].")
-@click.option("--merge-iou", type=float, default=0.5, show_default=True, help="IoU of the cross-tile NMS.")
-@click.option("--resample/--no-resample", default=True, show_default=True,
+@click.option("--merge-iou", type=float, default=None, show_default=f"{D.merge_iou:g}", help="IoU of the cross-tile NMS.")
+@click.option("--resample/--no-resample", default=None, show_default=str(D.resample).lower(),
               help="Resample scenes whose GSD differs from the training GSD by more than 10 %.")
-@click.option("--allow-no-crs", is_flag=True, help="Accept scenes without a CRS and write pixel coordinates.")
+@click.option("--allow-no-crs", is_flag=True, default=None, help="Accept scenes without a CRS and write pixel coordinates.")
 @click.option("--nodata", type=float, default=None, help="Nodata value [default: the scene's].")
-@click.option("--precision", "coord_precision", type=int, default=7, show_default=True,
+@click.option("--precision", "coord_precision", type=int, default=None, show_default=str(D.coord_precision),
               help="Decimals of GeoJSON coordinates (7 = ~1 cm).")
 @click.option("--preview", default=None, metavar="PNG",
               help="Draw detections on a downsampled scene (one scene: this path; several: one PNG per output).")
-@click.option("--resume", is_flag=True, help="Skip scenes whose output already exists.")
-@click.option("--progress/--no-progress", default=True, help="Progress bar (tiles/s, ETA).")
-def command(scenes, model, output, fmt, tile, overlap, batch_size, workers, device, amp, score_thresh, merge_iou,
-            resample, allow_no_crs, nodata, coord_precision, preview, resume, progress):
+@click.option("--resume", is_flag=True, default=None, help="Skip scenes whose output already exists.")
+@progress_opt
+def detect(scenes, output, progress, **options):
     """Detect objects in SCENE(s) (files, folders or quoted globs) with a trained checkpoint."""
-    cfg = DetectConfig(model=model, tile=tile, overlap=overlap, batch_size=batch_size, workers=workers, device=device,
-                       amp=amp, score_thresh=score_thresh, merge_iou=merge_iou, resample=resample,
-                       allow_no_crs=allow_no_crs, nodata=nodata, coord_precision=coord_precision, preview=preview,
-                       resume=resume, format=fmt)
-    rep = detect(list(scenes), output, cfg, show_progress=progress)
+    rep = run_detection(list(scenes), output, DetectConfig(**given(options)), show_progress=progress)
     if rep.scenes:
         click.echo(f"score >= {rep.score_thresh:.3f} ({rep.score_source}; --score-thresh 0.05 keeps the whole "
                    "precision-recall curve for evaluation)")

@@ -85,10 +85,15 @@ def cli(verbose: int, quiet: int) -> None:
 
 
 def _register() -> None:
-    from geonet.cli import anchors, check, chip, detect, evaluate, train
+    from geonet.cli.anchors import anchors
+    from geonet.cli.check import check
+    from geonet.cli.chip import chip
+    from geonet.cli.detect import detect
+    from geonet.cli.evaluate import evaluate
+    from geonet.cli.train import train
 
-    for mod in (check, chip, anchors, train, detect, evaluate):
-        cli.add_command(mod.command)
+    for command in (check, chip, anchors, train, detect, evaluate):
+        cli.add_command(command)
 
 
 _register()

@@ -17,14 +17,14 @@ ties).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from geonet.model import ModelConfig, anchor_generator
 
-__all__ = ["AnchorFit", "anchor_coverage", "best_anchor_iou", "fit_anchors", "STRIDES"]
+__all__ = ["AnchorFit", "anchor_coverage", "anchor_report", "best_anchor_iou", "fit_anchors", "STRIDES"]
 
 #: Strides of P3..P7.
 STRIDES = (8, 16, 32, 64, 128)
@@ -135,25 +135,27 @@ def fit_anchors(boxes: np.ndarray, image_size: tuple[int, int], *, base: ModelCo
                      scales=tuple(base.anchor_scales), coverage=best[0], mean_iou=best[1], n_boxes=len(boxes))
 
 
-def check_against_torchvision(boxes: np.ndarray, cfg: ModelConfig, image_size: tuple[int, int]) -> np.ndarray:
-    """Best IoU by brute force over every anchor torchvision generates (for tests; slow)."""
-    from torchvision.models.detection.image_list import ImageList
-    from torchvision.ops import box_iou
+def anchor_report(imagery: Sequence[str], labels: str, *, size: int | None = None, layer: str | None = None,
+                  class_field: str | None = None, bands=None, nodata=None, point_size: float | None = None
+                  ) -> tuple[AnchorFit, int]:
+    """Anchor coverage of the boxes of ``size`` px training windows, default vs fitted (``geonet anchors``).
 
-    h, w = image_size
-    gen = anchor_generator(cfg)
-    feats = [torch.zeros(1, 1, -(-h // s), -(-w // s)) for s in STRIDES]
-    anchors = gen(ImageList(torch.zeros(1, 3, h, w), [(h, w)]), feats)[0]
-    return box_iou(torch.as_tensor(boxes, dtype=torch.float32), anchors).max(dim=1).values.double().numpy()
+    ``size`` and ``point_size`` default to :class:`geonet.chip.ChipConfig`'s.
 
+    Returns:
+        ``(fit, n_windows)``.
 
-def eval_fraction(t: str) -> float:
-    """Parse ``"2^(1/3)"``, ``"1.26"`` or ``"1/2"`` without eval."""
-    t = t.strip()
-    if "^" in t:
-        b, e = t.split("^", 1)
-        return float(b) ** eval_fraction(e.strip("()"))
-    if "/" in t:
-        n, d = t.split("/", 1)
-        return float(n) / float(d)
-    return float(t)
+    Raises:
+        InputError: bad inputs (see :func:`geonet.chip.plan_chips`).
+    """
+    from geonet.chip import ChipConfig, plan_chips
+    from geonet.labels import LabelIndex, read_labels
+    from geonet.raster import describe_raster, find_rasters
+
+    infos = [describe_raster(p, bands=bands, nodata=nodata) for p in find_rasters(imagery)]
+    lab = read_labels(labels, layer=layer, class_field=class_field)
+    d = ChipConfig()
+    config = ChipConfig(size=size or d.size, negative_ratio=0, point_size=point_size or d.point_size)
+    plan = plan_chips(infos, LabelIndex(lab, point_size=config.point_size), config)
+    boxes = np.concatenate([s.labels.boxes for s in plan.specs]) if plan.specs else np.zeros((0, 4))
+    return fit_anchors(boxes, (config.size, config.size)), len(plan.specs)

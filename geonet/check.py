@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from geonet.chip import ChipConfig
 from geonet.errors import GeonetError
-from geonet.labels import LabelIndex, LabelSet
-from geonet.raster import RasterInfo, describe_raster
+from geonet.labels import LabelIndex, LabelSet, read_labels
+from geonet.raster import RasterInfo, describe_raster, find_rasters
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckReport", "RasterCheck", "check_inputs", "box_size_stats"]
+__all__ = ["CheckReport", "RasterCheck", "check", "check_inputs", "box_size_stats"]
 
 _PCTS = (0, 5, 50, 95, 100)
 
@@ -84,7 +85,7 @@ def box_size_stats(wh: np.ndarray) -> dict[str, list[float]]:
 
 
 def check_inputs(rasters: Sequence[str], labels: LabelSet | None, *, bands=None, nodata=None,
-                 point_size: float = 1.0) -> CheckReport:
+                 point_size: float = ChipConfig.point_size) -> CheckReport:
     """Build the pre-flight report.
 
     Rasters that cannot be read, and rasters without a CRS, are reported rather than raised, so one
@@ -165,3 +166,18 @@ def _short_crs(wkt: str) -> str:
     crs = CRS.from_user_input(wkt)
     epsg = crs.to_epsg()
     return f"EPSG:{epsg}" if epsg else crs.name
+
+
+def check(imagery: Sequence[str], labels: str | None = None, *, layer: str | None = None,
+          class_field: str | None = None, bands=None, nodata=None, point_size: float | None = None) -> CheckReport:
+    """The pre-flight report of ``geonet check`` for raster files, folders or globs and an optional label file.
+
+    ``point_size`` (metres) defaults to :class:`geonet.chip.ChipConfig`'s.
+
+    Raises:
+        InputError: no raster found, or an unreadable label file.
+    """
+    paths = find_rasters(imagery)
+    lab = read_labels(labels, layer=layer, class_field=class_field) if labels else None
+    return check_inputs([str(p) for p in paths], lab, bands=bands, nodata=nodata,
+                        point_size=point_size or ChipConfig.point_size)

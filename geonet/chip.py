@@ -7,10 +7,10 @@ the background-only windows to keep. :func:`write_chips` reads each planned wind
 that are all nodata, and writes GeoTIFF chips that keep their georeferencing plus a COCO
 ``annotations.json``.
 
-**Window grid.** Along each axis of a region of length ``L`` the windows start at ``0, stride,
-2*stride, ...`` while they fit; the last one is shifted inward to end exactly at ``L`` so that the
-right and bottom edges are always covered and never dropped. A region shorter than ``size`` gets
-one window, padded (padding is nodata, or 0 with an internal mask when the raster has no nodata).
+**Window grid.** :func:`geonet.tiling.window_offsets` inside each raster or split block: the last
+window of a row or column shifts inward so the edges are always covered; a region shorter than
+``size`` gets one window, padded (padding is nodata, or 0 with an internal mask when the raster has
+no nodata).
 
 **Spatial split** (``val_fraction > 0``): the same ground never lands in both train and val.
 
@@ -43,14 +43,17 @@ from rasterio.windows import Window
 
 import geonet
 from geonet.atomic import atomic_dir, check_output_dir
+from geonet.boxes import connected_components
 from geonet.errors import InputError
 from geonet.georef import affine_to_list, crs_to_pixel, pixel_to_crs, to_crs
-from geonet.labels import LabelIndex, RasterBoxes, WindowLabels, label_window
-from geonet.raster import RasterInfo, RasterSource
+from geonet.labels import LabelIndex, RasterBoxes, WindowLabels, label_window, read_labels
+from geonet.metrics import coco_annotations
+from geonet.raster import RasterInfo, RasterSource, describe_raster, find_rasters
+from geonet.tiling import window_offsets
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChipConfig", "ChipSpec", "ChipPlan", "window_offsets", "plan_chips", "write_chips", "crs_label", "connected_components"]
+__all__ = ["ChipConfig", "ChipSpec", "ChipPlan", "chip", "plan_chips", "write_chips", "read_chip"]
 
 
 @dataclass
@@ -142,40 +145,9 @@ class ChipPlan:
     per_raster: list[dict] = field(default_factory=list)
 
 
-def window_offsets(length: int, size: int, stride: int, start: int = 0) -> list[int]:
-    """Window start offsets that cover ``[start, start + length)`` edge to edge.
-
-    The last window is shifted inward to end at the region's end; a region shorter than ``size``
-    gets the single offset ``start`` (the window is then padded).
-
-    Examples:
-        >>> window_offsets(1000, 512, 448)
-        [0, 448, 488]
-        >>> window_offsets(300, 512, 448)
-        [0]
-    """
-    if length <= size:
-        return [start]
-    offs = list(range(start, start + length - size + 1, stride))
-    if offs[-1] + size < start + length:
-        offs.append(start + length - size)
-    return offs
-
-
-def crs_label(info: RasterInfo) -> str | None:
-    """``"EPSG:n"`` when the CRS has an EPSG code, else its WKT."""
-    if info.crs is None:
-        return None
-    return f"EPSG:{info.epsg}" if info.epsg else info.crs
-
-
-def _footprint_4326(info: RasterInfo):
-    return to_crs(np.array([info.footprint()], dtype=object), info.crs, "EPSG:4326")[0]
-
-
 def footprint_groups(infos: Sequence[RasterInfo]) -> list[list[int]]:
     """Group rasters whose footprints overlap with positive area (connected components), in input order."""
-    fps = np.array([_footprint_4326(i) for i in infos], dtype=object)
+    fps = np.array([i.footprint(crs="EPSG:4326") for i in infos], dtype=object)
     a, b = shapely.STRtree(fps).query(fps, predicate="intersects")
     inter = shapely.area(shapely.intersection(fps[a], fps[b]))
     real = (a != b) & (inter > 1e-6 * np.minimum(shapely.area(fps[a]), shapely.area(fps[b])))
@@ -184,15 +156,6 @@ def footprint_groups(infos: Sequence[RasterInfo]) -> list[list[int]]:
     for i, g in enumerate(labels.tolist()):
         groups.setdefault(g, []).append(i)
     return list(groups.values())
-
-
-def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Component label of each of ``n`` nodes linked by edges ``(i[k], j[k])`` (scipy's csgraph)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components as cc
-
-    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (np.asarray(i), np.asarray(j))), shape=(n, n))
-    return cc(graph, directed=False)[1]
 
 
 def _blocks_for_group(infos: Sequence[RasterInfo], group: list[int], block_px: int | None, size: int):
@@ -208,7 +171,7 @@ def _blocks_for_group(infos: Sequence[RasterInfo], group: list[int], block_px: i
     # extent of the whole group in the reference pixel frame
     xs, ys = [], []
     for i in group:
-        fp = to_crs(np.array([infos[i].footprint()], dtype=object), infos[i].crs, rinfo.crs)[0]
+        fp = infos[i].footprint(crs=rinfo.crs)
         X, Y = np.asarray(fp.exterior.coords).T
         x, y = crs_to_pixel(rinfo.transform, X, Y)
         xs.extend(x)
@@ -416,11 +379,9 @@ def write_chips(plan: ChipPlan, out_dir: str | os.PathLike[str], config: ChipCon
     report = ChipReport(out_dir=str(out), labels_total=plan.labels_total, labels_inside=plan.labels_inside,
                         split_by=plan.split_by, classes=plan.classes, per_raster=plan.per_raster)
     images, annotations = [], []
-    written: list[tuple[ChipSpec, str]] = []
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         sources = [RasterSource(info) for info in plan.infos]
-        ann_id = 1
         for spec in plan.specs:
             src = sources[spec.raster]
             info = src.info
@@ -440,18 +401,13 @@ def write_chips(plan: ChipPlan, out_dir: str | os.PathLike[str], config: ChipCon
             image_id = len(images) + 1
             images.append({
                 "id": image_id, "file_name": name, "width": w, "height": h, "split": spec.split,
-                "source": str(Path(info.path).resolve()), "window": [c, r, w, h], "crs": crs_label(info),
+                "source": str(Path(info.path).resolve()), "window": [c, r, w, h], "crs": info.crs_label,
                 "transform": affine_to_list(transform), "gsd": list(info.gsd) if info.gsd else None,
             })
             lab = spec.labels
             for boxes, cls, crowd in ((lab.boxes, lab.class_ids, 0), (lab.ignore, lab.ignore_class_ids, 1)):
-                for b, k in zip(boxes, cls):
-                    bw, bh = float(b[2] - b[0]), float(b[3] - b[1])
-                    annotations.append({"id": ann_id, "image_id": image_id, "category_id": int(k),
-                                        "bbox": [round(float(b[0]), 3), round(float(b[1]), 3), round(bw, 3),
-                                                 round(bh, 3)],
-                                        "area": round(bw * bh, 3), "iscrowd": crowd, "ignore": crowd})
-                    ann_id += 1
+                annotations += coco_annotations(image_id, boxes, cls, iscrowd=crowd, first_id=len(annotations) + 1,
+                                                decimals=3)
             report.chips += 1
             report.boxes += len(lab.boxes)
             report.ignore_regions += len(lab.ignore)
@@ -460,7 +416,6 @@ def write_chips(plan: ChipPlan, out_dir: str | os.PathLike[str], config: ChipCon
                 report.chips_val += 1
             else:
                 report.chips_train += 1
-            written.append((spec, name))
         for s in sources:
             s.close()
         info_block = {"geonet_version": geonet.__version__, "chip_config": asdict(config),
@@ -511,3 +466,31 @@ def _write_geotiff(path: Path, data: np.ndarray, valid: np.ndarray, transform: A
         dst.write(data)
         if info.nodata is None and not valid.all():
             dst.write_mask(valid.astype(np.uint8) * 255)
+
+
+def chip(imagery: Sequence[str], labels: str, out_dir: str | os.PathLike[str], config: ChipConfig | None = None, *,
+         layer: str | None = None, class_field: str | None = None, bands: Sequence[int] | None = None,
+         nodata: float | None = None, preview: int = 0, overwrite: bool = False) -> ChipReport:
+    """Cut georeferenced chips and a COCO ``annotations.json`` from rasters and labels (``geonet chip``).
+
+    Args:
+        imagery: raster files, folders or globs (:func:`geonet.raster.find_rasters`).
+        labels: vector labels, any OGR format and CRS; ``layer`` and ``class_field`` as in
+            :func:`geonet.labels.read_labels`.
+        out_dir: the output folder (see :func:`write_chips`).
+        config: chipping options (default :class:`ChipConfig`).
+        bands, nodata: bands to read (1-based) and a nodata value overriding the files'.
+        preview: preview PNGs to write.
+        overwrite: replace a non-empty ``out_dir``.
+
+    Raises:
+        InputError: bad options, inputs or output folder (before anything is written).
+        RunError: a raster fails to decode.
+    """
+    config = config or ChipConfig()
+    config.validate()
+    check_output_dir(out_dir, overwrite=overwrite)
+    infos = [describe_raster(p, bands=bands, nodata=nodata) for p in find_rasters(imagery)]
+    lab = read_labels(labels, layer=layer, class_field=class_field)
+    plan = plan_chips(infos, LabelIndex(lab, point_size=config.point_size), config)
+    return write_chips(plan, out_dir, config, preview=preview, overwrite=overwrite)

@@ -8,6 +8,12 @@ Two datasets, one sample format, one labelling code path:
   without writing chips. Its windows and targets come from :func:`geonet.chip.plan_chips`, the same
   function (and so the same :func:`geonet.labels.label_window` rule) that ``geonet chip`` writes.
 
+Both implement one interface (:class:`geonet.training.data.DetectionSource`), so training never asks
+which one it holds: :meth:`~_DetectionDataset.targets`, :meth:`~_DetectionDataset.image_id`,
+:meth:`~_DetectionDataset.image_size`, :meth:`~_DetectionDataset.gsd`,
+:meth:`~_DetectionDataset.footprint`, :meth:`~_DetectionDataset.describe` (no pixels read) and
+:meth:`~_DetectionDataset.read` (pixels).
+
 :func:`load_voc` turns a Pascal VOC folder into the records :class:`ChipDataset` uses.
 
 **Sample format.** ``dataset[i]`` (or ``dataset[(i, seed)]``, see below) returns
@@ -44,14 +50,16 @@ import torch
 from rasterio.windows import Window
 from torch.utils.data import Dataset
 
+from geonet.boxes import xywh_to_xyxy
 from geonet.chip import ChipConfig, ChipPlan, plan_chips, read_chip
 from geonet.errors import InputError
+from geonet.georef import affine_from_list, pixel_boxes_to_polygons, to_crs
 from geonet.labels import LabelIndex
 from geonet.raster import RasterInfo, RasterSource, describe_raster
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageRecord", "ChipDataset", "RasterWindowDataset", "load_coco", "load_voc", "collate",
+__all__ = ["ImageRecord", "Targets", "ChipDataset", "RasterWindowDataset", "load_coco", "load_voc", "collate",
            "band_stats"]
 
 
@@ -64,6 +72,7 @@ class ImageRecord:
         boxes: float32 ``[N, 4]`` targets ``[x1, y1, x2, y2]``.
         labels: int64 ``[N]`` class ids ``1..K``.
         ignore: float32 ``[M, 4]`` ignore regions.
+        ignore_labels: int64 ``[M]`` class ids of the ignore regions.
         split: ``"train"``, ``"val"`` or ``""`` (no split).
         image_id: COCO image id.
         meta: extra COCO image fields (``crs``, ``transform``, ``source``, ``window``, ``gsd``).
@@ -73,14 +82,31 @@ class ImageRecord:
     boxes: np.ndarray
     labels: np.ndarray
     ignore: np.ndarray
+    ignore_labels: np.ndarray | None = None
     split: str = ""
     image_id: int = 0
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.ignore_labels is None:
+            self.ignore_labels = np.ones(len(self.ignore), dtype=np.int64)
 
-def _xywh_to_xyxy(b: np.ndarray) -> np.ndarray:
-    b = np.asarray(b, dtype=np.float32).reshape(-1, 4)
-    return np.column_stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]]).astype(np.float32)
+
+@dataclass
+class Targets:
+    """The targets of one sample, in its pixel frame (corner convention of :mod:`geonet.georef`).
+
+    Attributes:
+        boxes: ``[N, 4]`` ``[x1, y1, x2, y2]`` object boxes (degenerate ones included; the sample drops them).
+        labels: int64 ``[N]`` class ids ``1..K``.
+        ignore: ``[M, 4]`` ignore regions.
+        ignore_labels: int64 ``[M]`` class ids of the ignore regions.
+    """
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    ignore: np.ndarray
+    ignore_labels: np.ndarray
 
 
 def load_coco(path: str | os.PathLike[str], *, image_root: str | os.PathLike[str] | None = None,
@@ -134,12 +160,12 @@ def load_coco(path: str | os.PathLike[str], *, image_root: str | os.PathLike[str
     for im in images:
         a = per_image.get(im["id"], [])
         crowd = np.array([bool(x.get("iscrowd", 0) or x.get("ignore", 0)) for x in a], dtype=bool)
-        boxes = _xywh_to_xyxy([x["bbox"] for x in a]) if a else np.zeros((0, 4), np.float32)
+        boxes = xywh_to_xyxy([x["bbox"] for x in a]).astype(np.float32)
         labels = np.array([id_map[x["category_id"]] for x in a], dtype=np.int64)
         meta = {k: v for k, v in im.items() if k in ("crs", "transform", "source", "window", "gsd", "width", "height")}
         records.append(ImageRecord(path=str(root / im["file_name"]), boxes=boxes[~crowd], labels=labels[~crowd],
-                                   ignore=boxes[crowd], split=str(im.get("split", "")), image_id=int(im["id"]),
-                                   meta=meta))
+                                   ignore=boxes[crowd], ignore_labels=labels[crowd], split=str(im.get("split", "")),
+                                   image_id=int(im["id"]), meta=meta))
     return records, names
 
 
@@ -192,39 +218,64 @@ def load_voc(folder: str | os.PathLike[str], *, classes: Sequence[str] | None = 
         boxes = np.array([b for _, b, _ in objs], dtype=np.float32).reshape(-1, 4)
         labels = np.array([lookup[n] for n, _, _ in objs], dtype=np.int64)
         records.append(ImageRecord(path=str(img), boxes=boxes[~hard], labels=labels[~hard], ignore=boxes[hard],
-                                   image_id=k + 1))
+                                   ignore_labels=labels[hard], image_id=k + 1))
     return records, names
 
 
 class _DetectionDataset(Dataset):
-    """Shared sample logic: read pixels, fill nodata, drop degenerate boxes, augment."""
+    """Shared sample logic (read pixels, fill nodata, drop degenerate boxes, augment) and the
+    :class:`~geonet.training.data.DetectionSource` interface that subclasses fill in."""
 
     def __init__(self, *, transform: Callable | None = None, fill_values: Sequence[float] | None = None):
         self.transform = transform
         self.fill_values = None if fill_values is None else np.asarray(fill_values, dtype=np.float32)
-        self.n_degenerate = 0
 
-    def _read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels of sample ``i``: ``([C, H, W] data in the raster's dtype, [H, W] bool valid mask)``."""
         raise NotImplementedError
 
-    def _targets(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    def targets(self, i: int) -> Targets:
+        """Targets of sample ``i`` (no pixel is read)."""
+        raise NotImplementedError
+
+    def image_id(self, i: int) -> int:
+        """The COCO image id sample ``i`` carries as ``target["image_id"]``."""
+        raise NotImplementedError
+
+    def info(self, i: int) -> RasterInfo:
+        """Header of the raster sample ``i`` is read from."""
+        raise NotImplementedError
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """``(width, height)`` of sample ``i`` in pixels."""
+        raise NotImplementedError
+
+    def gsd(self, i: int) -> tuple[float, float] | None:
+        """GSD ``(x, y)`` in metres of sample ``i`` (``None`` when not georeferenced)."""
+        raise NotImplementedError
+
+    def footprint(self, i: int):
+        """The ground sample ``i`` shows, as a shapely polygon in EPSG:4326 (``None`` when not georeferenced)."""
+        raise NotImplementedError
+
+    def describe(self, i: int) -> dict:
+        """Where sample ``i`` comes from: ``{"source", "window", ...}`` (for the run's ``split.json``)."""
         raise NotImplementedError
 
     def __getitem__(self, index):
         i, seed = (index if isinstance(index, tuple) else (index, None))
-        data, valid = self._read(i)
+        data, valid = self.read(i)
         image = torch.from_numpy(data.astype(np.float32, copy=False))
         if not valid.all():
             fill = self.fill_values if self.fill_values is not None else np.zeros(image.shape[0], np.float32)
             inv = torch.from_numpy(~valid)
             image[:, inv] = torch.as_tensor(fill, dtype=torch.float32)[:, None]
-        boxes, labels, ignore, image_id = self._targets(i)
-        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        t = self.targets(i)
+        boxes = torch.as_tensor(t.boxes, dtype=torch.float32).reshape(-1, 4)
         ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        if not bool(ok.all()):
-            self.n_degenerate += int((~ok).sum())
-        target = {"boxes": boxes[ok], "labels": torch.as_tensor(labels, dtype=torch.int64)[ok],
-                  "ignore": torch.as_tensor(ignore, dtype=torch.float32).reshape(-1, 4), "image_id": image_id}
+        target = {"boxes": boxes[ok], "labels": torch.as_tensor(t.labels, dtype=torch.int64)[ok],
+                  "ignore": torch.as_tensor(t.ignore, dtype=torch.float32).reshape(-1, 4),
+                  "image_id": self.image_id(i)}
         if self.transform is not None:
             g = torch.Generator()
             g.manual_seed((int(seed if seed is not None else 0) * 1_000_003 + i) % (2**63))
@@ -270,11 +321,26 @@ class ChipDataset(_DetectionDataset):
         return self._infos[path]
 
     def image_size(self, i: int) -> tuple[int, int]:
-        """``(width, height)`` of sample ``i`` in pixels."""
         info = self.info(i)
         return info.width, info.height
 
-    def _read(self, i: int):
+    def gsd(self, i: int) -> tuple[float, float] | None:
+        g = self.records[i].meta.get("gsd")
+        return tuple(g) if g else None
+
+    def footprint(self, i: int):
+        m = self.records[i].meta
+        if not m.get("crs") or not m.get("transform"):
+            return None
+        w, h = self.image_size(i)
+        poly = pixel_boxes_to_polygons(np.array([[0, 0, w, h]], dtype=float), affine_from_list(m["transform"]))
+        return to_crs(poly, m["crs"], "EPSG:4326")[0]
+
+    def describe(self, i: int) -> dict:
+        r = self.records[i]
+        return {"source": r.meta.get("source", r.path), "image": r.path, "window": r.meta.get("window")}
+
+    def read(self, i: int):
         info = self.info(i)
         src = self._sources.get(info.path)
         if src is None:
@@ -286,9 +352,12 @@ class ChipDataset(_DetectionDataset):
             self._sources[info.path] = src
         return src.read(Window(0, 0, info.width, info.height))
 
-    def _targets(self, i: int):
+    def targets(self, i: int) -> Targets:
         r = self.records[i]
-        return r.boxes, r.labels, r.ignore, r.image_id
+        return Targets(r.boxes, r.labels, r.ignore, r.ignore_labels)
+
+    def image_id(self, i: int) -> int:
+        return int(self.records[i].image_id)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -299,27 +368,29 @@ class ChipDataset(_DetectionDataset):
 class RasterWindowDataset(_DetectionDataset):
     """Windows cut on the fly from rasters plus labels (no chips written).
 
-    The windows, their split and their targets are those :func:`geonet.chip.plan_chips` gives for
-    the same arguments, i.e. exactly what ``geonet chip`` would write, except that windows that are
-    all nodata are kept (they are found only by reading pixels) and then hold only fill values.
+    The windows, their split and their targets are those of a :class:`geonet.chip.ChipPlan`, i.e.
+    exactly what ``geonet chip`` would write for the same options, except that windows that are all
+    nodata are kept (they are found only by reading pixels) and then hold only fill values.
 
     Args:
-        infos: the rasters (:func:`geonet.raster.describe_raster`).
-        index: the labels.
-        config: chipping options (size, stride, min_visible, split...).
+        plan: the chip plan (:func:`geonet.chip.plan_chips`); see :meth:`from_rasters`.
         split: keep only this split; ``None`` keeps all.
-        plan: a plan already made with the same arguments (to share it between splits).
         transform, fill_values: as for :class:`ChipDataset`.
     """
 
-    def __init__(self, infos: Sequence[RasterInfo], index: LabelIndex, config: ChipConfig, *,
-                 split: str | None = None, plan: ChipPlan | None = None, transform: Callable | None = None,
+    def __init__(self, plan: ChipPlan, *, split: str | None = None, transform: Callable | None = None,
                  fill_values: Sequence[float] | None = None):
         super().__init__(transform=transform, fill_values=fill_values)
-        self.plan = plan if plan is not None else plan_chips(infos, index, config)
-        self.specs = [s for s in self.plan.specs if split is None or s.split == split]
-        self.sources = [RasterSource(i) for i in self.plan.infos]
-        self.classes = list(self.plan.classes)
+        self.plan = plan
+        self.specs = [s for s in plan.specs if split is None or s.split == split]
+        self.sources = [RasterSource(i) for i in plan.infos]
+        self.classes = list(plan.classes)
+
+    @classmethod
+    def from_rasters(cls, infos: Sequence[RasterInfo], index: LabelIndex, config: ChipConfig, *,
+                     split: str | None = None, **kw) -> RasterWindowDataset:
+        """Plan the windows of ``infos`` with ``index``'s labels and ``config`` (:func:`geonet.chip.plan_chips`)."""
+        return cls(plan_chips(infos, index, config), split=split, **kw)
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -328,16 +399,32 @@ class RasterWindowDataset(_DetectionDataset):
         return self.plan.infos[self.specs[i].raster]
 
     def image_size(self, i: int) -> tuple[int, int]:
-        """``(width, height)`` of sample ``i`` in pixels."""
         return self.specs[i].window[2], self.specs[i].window[3]
 
-    def _read(self, i: int):
+    def gsd(self, i: int) -> tuple[float, float] | None:
+        return self.info(i).gsd
+
+    def footprint(self, i: int):
+        info = self.info(i)
+        if info.crs is None:
+            return None
+        x, y, w, h = self.specs[i].window
+        box = [max(x, 0), max(y, 0), min(x + w, info.width), min(y + h, info.height)]
+        return info.footprint(box, crs="EPSG:4326")
+
+    def describe(self, i: int) -> dict:
+        return {"source": str(Path(self.info(i).path).resolve()), "window": list(self.specs[i].window)}
+
+    def read(self, i: int):
         spec = self.specs[i]
         return read_chip(self.sources[spec.raster], spec)
 
-    def _targets(self, i: int):
+    def targets(self, i: int) -> Targets:
         lab = self.specs[i].labels
-        return lab.boxes, lab.class_ids, lab.ignore, i + 1
+        return Targets(lab.boxes, lab.class_ids, lab.ignore, lab.ignore_class_ids)
+
+    def image_id(self, i: int) -> int:
+        return i + 1
 
 
 def collate(batch):
@@ -368,7 +455,7 @@ def band_stats(dataset: _DetectionDataset, *, max_images: int = 256, seed: int =
     s = s2 = None
     count = 0
     for i in sorted(idx.tolist()):
-        data, valid = dataset._read(int(i))
+        data, valid = dataset.read(int(i))
         v = data[:, valid].astype(np.float64)  # [C, P]
         if v.size == 0:
             continue

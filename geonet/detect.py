@@ -3,7 +3,7 @@
 For each scene:
 
 1. **Grid.** Tiles of the checkpoint's chip size (``tile``) every ``tile - overlap`` pixels, covering
-   the scene edge to edge (:func:`geonet.chip.window_offsets`: the last tile shifts inward). The
+   the scene edge to edge (:class:`geonet.tiling.TileGrid`: the last tile shifts inward). The
    default overlap is the largest training box side, so every object is seen whole by some tile.
 2. **GSD.** If the scene's GSD differs from the training GSD by more than 10 %, tiles are read
    resampled to the training GSD (GDAL resampling on read, bilinear; overviews used when
@@ -14,10 +14,10 @@ For each scene:
    batch. Tiles that are all nodata are skipped without running the model; nodata pixels elsewhere
    get the training band means (they normalise to 0). Batches travel as the raster's dtype (uint8:
    one byte per pixel) in pinned memory and are converted to float and normalised on the device.
-4. **Model.** :class:`Detector` runs the RetinaNet on a ``[B, C, H, W]`` batch directly (no
-   torchvision transform: no resize, no per-image copies), under bf16 autocast on CUDA and
+4. **Model.** :class:`Detector` runs :meth:`geonet.model.GeoRetinaNet.predict_batch` on a
+   ``[B, C, H, W]`` batch (no resize, no per-image copies), under bf16 autocast on CUDA and
    channels-last; its per-image NMS is torchvision's, on the device.
-5. **Merge.** :class:`geonet.merge.SeamMerger` merges tile detections in scene pixels (class-aware
+5. **Merge.** :class:`geonet.merge.SeamMerger` merges tile detections in the detection frame (class-aware
    ``batched_nms`` on the device, seam-aware: one whole box per object cut by a seam) and releases
    each tile row as soon as it is final.
 6. **Write.** Final detections stream to the output (:mod:`geonet.write`) while later rows are
@@ -39,26 +39,46 @@ import numpy as np
 import torch
 from affine import Affine
 from rasterio.windows import Window
-from torchvision.models.detection.image_list import ImageList
 
 import geonet
 from geonet.atomic import make_dir
 from geonet.checkpoint import file_sha256, load_checkpoint
-from geonet.chip import crs_label
+from geonet.device import autocast_dtype, resolve_device, resolve_precision
 from geonet.errors import GeonetError, InputError
 from geonet.georef import pixel_boxes_to_polygons
-from geonet.merge import Detections, SeamMerger, TileGrid
+from geonet.merge import Detections, SeamMerger
+from geonet.preview import PreviewCanvas
 from geonet.raster import RasterInfo, RasterSource, describe_raster, find_rasters
+from geonet.tiling import TileGrid
 from geonet.write import FeatureBatch, output_format, write_features
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DetectConfig", "Detector", "ScenePlan", "plan_scene", "detect_scene", "detect", "parse_overlap"]
+__all__ = ["DetectConfig", "Detector", "ScenePlan", "TileReader", "plan_scene", "detect_scene", "detect", "parse_overlap",
+           "tile_batches", "fill_values"]
 
 
 @dataclass
 class DetectConfig:
-    """Options of ``geonet detect`` (see ``geonet detect --help``)."""
+    """Options of ``geonet detect`` (see ``geonet detect --help``).
+
+    Attributes:
+        model: the checkpoint (``best.pt``).
+        tile: tile side in pixels (default: the checkpoint's chip size).
+        overlap: tile overlap, ``"64"`` pixels or ``"6m"`` metres (default: the largest training box).
+        batch_size: tiles per model call (default: 2 on the CPU, 16 on CUDA).
+        workers: reader processes (default: half the cores, at most 4).
+        device, amp: see :mod:`geonet.device`.
+        score_thresh: minimum score (default: the checkpoint's operating point).
+        merge_iou: IoU of the cross-tile NMS (:class:`geonet.merge.SeamMerger`).
+        resample: resample scenes whose GSD differs from the training GSD by more than 10 %.
+        allow_no_crs: accept scenes without a CRS and write pixel coordinates.
+        nodata: nodata value overriding the scene's.
+        coord_precision: decimals of GeoJSON coordinates.
+        preview: PNG path of a preview (several scenes: one PNG beside each output).
+        resume: skip scenes whose output exists.
+        format: output format when the output is a folder (``geojson``, ``gpkg``, ``shp``).
+    """
 
     model: str
     tile: int | None = None
@@ -99,46 +119,46 @@ class Detector:
 
     Args:
         path: geonet checkpoint (``best.pt``).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (:func:`geonet.device.resolve_device`).
         precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"32"``, ``"bf16"``, ``"16"``.
         score_thresh: minimum score of a detection. Default: the checkpoint's operating point (the
             score that maximised F1 at IoU 0.5 on the validation set of the saved epoch), else the
             model's own threshold (0.05). ``score_source`` says which.
+
+    Attributes:
+        header: the checkpoint's :class:`geonet.checkpoint.CheckpointHeader`.
+        model: the :class:`geonet.model.GeoRetinaNet`, in eval mode on ``device``.
+
+    Raises:
+        InputError: a bad checkpoint, or ``cuda`` without a CUDA device.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", precision: str = "auto",
                  score_thresh: float | None = None):
-        model, ckpt = load_checkpoint(path)
-        if device == "cuda" and not torch.cuda.is_available():
-            raise InputError("--device cuda: no CUDA device is available.", fix="use --device auto or cpu.")
-        self.device = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "32"
-        self.precision = precision
-        self.amp_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
-        op = (ckpt.get("metrics") or {}).get("operating_point")
+        model, header = load_checkpoint(path)
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.amp_dtype = autocast_dtype(self.precision)
+        op = header.operating_point
         if score_thresh is not None:
             model.score_thresh = float(score_thresh)
             self.score_source = "given"
-        elif op and op.get("score_thresh") is not None:
-            model.score_thresh = max(float(model.score_thresh), float(op["score_thresh"]))
-            self.score_source = f"validation max F1 at IoU {op.get('iou', 0.5):g}"
+        elif op is not None:
+            model.score_thresh = max(float(model.score_thresh), op.score_thresh)
+            self.score_source = f"validation max F1 at IoU {op.iou:g}"
         else:
             self.score_source = "model default"
         self.model = model.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ckpt = ckpt
-        cfg = ckpt["model_config"]
-        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(cfg["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.classes: list[str] = list(ckpt["classes"])
-        self.in_channels = int(cfg["in_channels"])
+            self.model.transform.channels_last = True
+        self.header = header
+        self.classes: list[str] = list(header.classes)
+        self.in_channels = int(header.model_config.in_channels)
         self.path = str(path)
         self.sha256 = file_sha256(path)
         self.model_id = f"{Path(path).name}@{self.sha256[:12]}"
 
-    @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Detect on ``batch`` ``[B, C, H, W]`` (raw band values, any dtype, on the CPU or the device).
 
@@ -146,27 +166,7 @@ class Detector:
             One dict per tile, on the device: ``boxes`` FloatTensor[N, 4] (xyxy, tile pixels),
             ``scores`` FloatTensor[N], ``labels`` Int64Tensor[N] (1..K).
         """
-        x = batch.to(self.device, non_blocking=True).float()
-        x = (x - self.mean) / self.std  # [B, C, H, W]
-        h, w = x.shape[-2:]
-        ph, pw = math.ceil(h / 32) * 32, math.ceil(w / 32) * 32  # as the training transform pads
-        if (ph, pw) != (h, w):
-            x = torch.nn.functional.pad(x, (0, pw - w, 0, ph - h))
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        m = self.model
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            features = list(m.backbone(x).values())  # P3..P7, each [B, 256, h_l, w_l]
-            head = m.head(features)  # cls_logits [B, HWA, K+1], bbox_regression [B, HWA, 4]
-        head = {k: v.float() for k, v in head.items()}
-        images = ImageList(x, [(h, w)] * x.shape[0])
-        anchors = m.anchor_generator(images, features)  # B x [HWA, 4]
-        per_level = [f.size(2) * f.size(3) for f in features]
-        a = head["cls_logits"].size(1) // sum(per_level)
-        per_level = [n * a for n in per_level]
-        split_head = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
-        split_anchors = [list(an.split(per_level)) for an in anchors]
-        return m.postprocess_detections(split_head, split_anchors, images.image_sizes)
+        return self.model.predict_batch(batch.to(self.device, non_blocking=True), autocast=self.amp_dtype)
 
 
 @dataclass
@@ -197,10 +197,10 @@ def plan_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig) -
         InputError: no CRS (without ``allow_no_crs``), band count or dtype that the model was not
             trained on, an overlap not smaller than the tile.
     """
-    ck = det.ckpt
-    bands = ck.get("bands") or None
+    ck = det.header
+    bands = ck.bands or None
     try:
-        info = describe_raster(path, bands=bands, nodata=cfg.nodata if cfg.nodata is not None else ck.get("nodata"))
+        info = describe_raster(path, bands=bands, nodata=cfg.nodata if cfg.nodata is not None else ck.nodata)
     except InputError as exc:
         if "--bands" in str(exc):
             raise InputError(f"the model reads bands {bands} but the scene has fewer bands.", path=path,
@@ -209,16 +209,16 @@ def plan_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig) -
     if len(info.bands) != det.in_channels:
         raise InputError(f"the scene gives {len(info.bands)} band(s); the model takes {det.in_channels}.", path=path,
                          fix="detect on imagery with the bands the model was trained on.")
-    if ck.get("dtype") and info.dtype != ck["dtype"]:
-        raise InputError(f"the scene's dtype is {info.dtype}; the model was trained on {ck['dtype']} data, so its "
+    if ck.dtype and info.dtype != ck.dtype:
+        raise InputError(f"the scene's dtype is {info.dtype}; the model was trained on {ck.dtype} data, so its "
                          "normalisation would not fit.", path=path,
-                         fix=f"convert the scene to {ck['dtype']} with the same scaling as the training imagery.")
+                         fix=f"convert the scene to {ck.dtype} with the same scaling as the training imagery.")
     if info.crs is None and not cfg.allow_no_crs:
         raise InputError("the scene has no CRS, so detections cannot be placed on a map.", path=path,
                          fix="assign one with `gdal_edit.py -a_srs EPSG:XXXX`, or pass --allow-no-crs to write "
                              "pixel coordinates.")
     warnings = []
-    train_gsd = float(np.sqrt(ck["gsd"][0] * ck["gsd"][1])) if ck.get("gsd") else None
+    train_gsd = ck.train_gsd
     scene_gsd = info.gsd_mean
     scale = 1.0
     if train_gsd and scene_gsd:
@@ -230,18 +230,13 @@ def plan_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig) -
                 warnings.append(f"--no-resample: the scene's GSD ({scene_gsd:.3f} m) differs from the training GSD "
                                 f"({train_gsd:.3f} m) by {100 * abs(ratio - 1):.0f} %; objects will look "
                                 f"{'larger' if ratio > 1 else 'smaller'} than in training.")
-    tile = int(cfg.tile or ck.get("chip_size") or 512)
+    tile = int(cfg.tile or ck.chip_size or 512)
     frame_gsd = scene_gsd * scale if scene_gsd else None
     ov = parse_overlap(cfg.overlap)
     if ov is None:
         # the largest training box, in metres through the detection frame's GSD when both are known
         # (training rasters may have had several GSDs), else in training pixels
-        stats_m = ck.get("box_stats_m") or {}
-        stats = ck.get("box_stats") or {}
-        if stats_m and frame_gsd:
-            largest = max(stats_m["width"][-1], stats_m["height"][-1]) / frame_gsd
-        else:
-            largest = max((stats.get("width") or [0])[-1], (stats.get("height") or [0])[-1])
+        largest = ck.largest_box(frame_gsd)
         overlap = int(math.ceil(largest)) if largest else tile // 8
         if overlap >= tile // 2:
             warnings.append(f"the largest training box ({largest:.0f} px) is at least half the tile; overlap capped "
@@ -263,8 +258,17 @@ def plan_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig) -
                      gsd=frame_gsd, warnings=warnings)
 
 
-class _TileBatches(torch.utils.data.Dataset):
-    """Batches of tiles of one scene, read in DataLoader workers (see module docstring, step 3)."""
+class TileReader(torch.utils.data.Dataset):
+    """Batches of tiles of one scene, read in DataLoader workers (see module docstring, step 3).
+
+    Args:
+        plan: the scene's plan.
+        batches: the ``(row, col)`` tiles of each batch (:func:`tile_batches`).
+        fill: per-band value of nodata pixels, in the scene's dtype (:func:`fill_values`).
+
+    ``reader[k]`` is ``{"data": Tensor[B, C, tile, tile] (the scene's dtype), "tiles": [(row, col)...] read,
+    "skipped": [(row, col)...] all nodata}``.
+    """
 
     def __init__(self, plan: ScenePlan, batches: list[list[tuple[int, int]]], fill: np.ndarray):
         self.plan = plan
@@ -336,8 +340,9 @@ def _reader_init(_worker_id: int) -> None:
 READER_CACHE_MB = 128
 
 
-def _fill_values(det: Detector, dtype: str) -> np.ndarray:
-    mean = np.asarray(det.ckpt["model_config"]["mean"], dtype=np.float64)
+def fill_values(det: Detector, dtype: str) -> np.ndarray:
+    """The training band means in the scene's dtype (nodata pixels get them, so they normalise to 0)."""
+    mean = np.asarray(det.header.model_config.mean, dtype=np.float64)
     if np.issubdtype(np.dtype(dtype), np.integer):
         lim = np.iinfo(np.dtype(dtype))
         mean = np.clip(np.round(mean), lim.min, lim.max)
@@ -362,8 +367,9 @@ class SceneResult:
     error: str | None = None
 
 
-def _batches(grid: TileGrid, size: int) -> list[list[tuple[int, int]]]:
-    tiles = [(r, c) for r in range(len(grid.ys)) for c in range(len(grid.xs))]
+def tile_batches(grid: TileGrid, size: int) -> list[list[tuple[int, int]]]:
+    """The grid's ``(row, col)`` tiles in row-major order, in batches of ``size``."""
+    tiles = grid.tiles()
     return [tiles[i:i + size] for i in range(0, len(tiles), size)]
 
 
@@ -392,18 +398,18 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
     cuda = det.device.type == "cuda"
     bs = cfg.batch_size or (16 if cuda else 2)
     workers = cfg.workers if cfg.workers is not None else min(4, max(1, (os.cpu_count() or 2) // 2))
-    batches = _batches(grid, bs)
-    dataset = _TileBatches(plan, batches, _fill_values(det, info.dtype))
+    batches = tile_batches(grid, bs)
+    dataset = TileReader(plan, batches, fill_values(det, info.dtype))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                                          pin_memory=cuda, prefetch_factor=4 if workers else None,
                                          persistent_workers=False, worker_init_fn=_reader_init)
     merger = SeamMerger(grid, iou_threshold=cfg.merge_iou, device=det.device)
-    preview = _PreviewCanvas(grid, info) if cfg.preview else None
+    preview = PreviewCanvas(grid, info) if cfg.preview else None
     sha = det.sha256
     meta = {
         "geonet_version": geonet.__version__, "model": det.path, "model_sha256": sha, "classes": det.classes,
-        "scene": str(path), "scene_crs": crs_label(info),
-        "scene_gsd_m": info.gsd_mean, "train_gsd_m": det.ckpt.get("gsd"), "resample_scale": plan.scale,
+        "scene": str(path), "scene_crs": info.crs_label,
+        "scene_gsd_m": info.gsd_mean, "train_gsd_m": det.header.gsd, "resample_scale": plan.scale,
         "tile_px": grid.tile, "overlap_px": plan.overlap, "score_thresh": float(det.model.score_thresh),
         "score_thresh_source": det.score_source,
         "model_nms_iou": float(det.model.nms_thresh), "merge_iou": cfg.merge_iou, "device": det.device.type,
@@ -448,63 +454,12 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
         if len(final):
             yield to_features(final)
 
-    crs = crs_label(info)
-    write_features(output, stream(), crs=crs, metadata=meta, classes=det.classes, precision=cfg.coord_precision)
+    write_features(output, stream(), crs=info.crs_label, metadata=meta, classes=det.classes, precision=cfg.coord_precision)
     res.max_boxes_held = merger.max_held
     if preview is not None:
         res.preview = str(preview.save(cfg.preview))
     res.seconds = time.perf_counter() - t_start
     return res
-
-
-class _PreviewCanvas:
-    """A downsampled copy of the scene built from the tiles as they are read, with boxes drawn last."""
-
-    MAX_SIDE = 2048
-    MAX_BOXES = 1_000_000
-
-    def __init__(self, grid: TileGrid, info: RasterInfo):
-        self.grid = grid
-        self.step = max(1, math.ceil(max(grid.width, grid.height) / self.MAX_SIDE))
-        h, w = -(-grid.height // self.step), -(-grid.width // self.step)
-        nb = min(3, len(info.bands))
-        self.canvas = np.zeros((nb, h, w), dtype=np.float32)
-        self.valid = np.zeros((h, w), dtype=bool)
-        self.dtype = info.dtype
-        self.boxes: list[np.ndarray] = []
-        self.n_boxes = 0
-
-    def add_tiles(self, data: np.ndarray, tiles) -> None:
-        s, g = self.step, self.grid
-        for d, (r, c) in zip(data, tiles):
-            y0, x0 = g.ys[r], g.xs[c]
-            oy, ox = (-y0) % s, (-x0) % s  # first tile pixel on the canvas grid
-            sub = d[: self.canvas.shape[0], oy::s, ox::s].astype(np.float32)
-            cy, cx = (y0 + oy) // s, (x0 + ox) // s
-            hh = min(sub.shape[1], self.canvas.shape[1] - cy)
-            ww = min(sub.shape[2], self.canvas.shape[2] - cx)
-            if hh > 0 and ww > 0:
-                self.canvas[:, cy:cy + hh, cx:cx + ww] = sub[:, :hh, :ww]
-                self.valid[cy:cy + hh, cx:cx + ww] = True
-
-    def add_boxes(self, boxes: np.ndarray) -> None:
-        if self.n_boxes < self.MAX_BOXES:
-            self.boxes.append(np.asarray(boxes, dtype=np.float32) / self.step)
-            self.n_boxes += len(boxes)
-
-    def save(self, path) -> Path:
-        from geonet.preview import draw_boxes, save_png, to_display
-
-        data = self.canvas.astype(self.dtype) if self.dtype == "uint8" else self.canvas
-        rgb = to_display(data, self.valid)
-        boxes = np.concatenate(self.boxes) if self.boxes else np.zeros((0, 4))
-        rgb = draw_boxes(rgb, boxes, colour="yellow", width=1 if self.step > 1 else 2)
-        p = Path(path)
-        from geonet.atomic import atomic_file
-
-        with atomic_file(p) as tmp:
-            save_png(rgb, tmp)
-        return p
 
 
 @dataclass

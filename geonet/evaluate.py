@@ -44,19 +44,22 @@ from pathlib import Path
 import numpy as np
 import pyogrio
 import shapely
+import torch
 from pyproj import CRS
 
 from geonet.atomic import atomic_dir, check_output_dir
-from geonet.chip import connected_components
+from geonet.boxes import connected_components, pair_iou
 from geonet.errors import InputError
 from geonet.georef import to_crs
 from geonet.labels import read_labels
-from geonet.metrics import COCO_AREA_BINS, coco_metrics, operating_point
+from geonet.metrics import COCO_AREA_BINS, coco_annotations, coco_detections, coco_metrics, operating_point
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "evaluate", "evaluate_coco", "ClassMismatch", "operating_point", "group_images"]
+__all__ = ["EvalConfig", "evaluate", "evaluate_coco", "evaluate_model", "evaluate_files", "ClassMismatch",
+           "operating_point", "group_images"]
 
+#: Predictions packed into one COCO image (see the module docstring).
 IMAGE_MAX_PREDICTIONS = 10
 
 
@@ -70,7 +73,19 @@ class ClassMismatch(InputError):
 
 @dataclass
 class EvalConfig:
-    """Options of ``geonet evaluate``."""
+    """Options of ``geonet evaluate``.
+
+    Attributes:
+        iou: IoU of the precision/recall/F1 operating point (DeepForest's NEON benchmark uses 0.4).
+        score_thresh: score threshold of the operating point (default: the one maximising F1).
+        area_bins: upper bounds in square metres of the small and medium size bins.
+        crs: one metric CRS to compare in (default: each object's local UTM zone).
+        class_field, layer: of the truth file.
+        score_field, pred_class_field: of the prediction files.
+        class_map: predicted class name -> truth class name.
+        aoi: polygons of the area of interest (default: the predictions' imagery footprint, else the
+            truth extent).
+    """
 
     iou: float = 0.5
     score_thresh: float | None = None
@@ -219,7 +234,7 @@ def _scene_footprints(meta: dict | None) -> list:
         return []
     if r.crs is None:
         return []
-    return list(to_crs(np.array([r.footprint()], dtype=object), r.crs, "EPSG:4326"))
+    return [r.footprint(crs="EPSG:4326")]
 
 
 def _fixed_crs(cfg: EvalConfig) -> CRS | None:
@@ -390,7 +405,7 @@ def evaluate(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_dir: s
     offset = 0
     for z in np.unique(np.concatenate([pz, tz])):
         ps_sel, ts_sel = pz == z, tz == z
-        a, b = group_images(pb[ps_sel], tb[ts_sel])
+        a, b = group_images(pb[ps_sel], tb[ts_sel], max_predictions=IMAGE_MAX_PREDICTIONS)
         pimg[ps_sel], timg[ts_sel] = a + offset, b + offset
         offset = int(max(offset, pimg.max(initial=0), timg.max(initial=0)))
     classes = list(labels.classes)
@@ -398,16 +413,15 @@ def evaluate(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_dir: s
     n_images = int(max(pimg.max(initial=0), timg.max(initial=0)))
     gt = {"images": [{"id": i} for i in range(1, n_images + 1)],
           "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)],
-          "annotations": [{"id": k + 1, "image_id": int(timg[k]), "category_id": cid[tn[k]],
-                           "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
-                           "area": float((b[2] - b[0]) * (b[3] - b[1])), "iscrowd": 0} for k, b in enumerate(tb)]}
-    dets = [{"image_id": int(pimg[k]), "category_id": cid[pn[k]], "score": float(ps[k]),
-             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]} for k, b in enumerate(pb)]
+          "annotations": coco_annotations(timg, tb, [cid[n] for n in tn])}
+    dets = coco_detections(pimg, pb, [cid[n] for n in pn], ps)
     zones = sorted(set(np.concatenate([pz, tz]).tolist()))
     crs_desc = zones[0] if len(zones) == 1 else f"local UTM zone of each object ({', '.join(zones)})"
     lo, hi = cfg.area_bins
     bins = (("small", 0.0, lo), ("medium", lo, hi), ("large", hi, 1e30))
-    md = (1, 10, 100) + ((IMAGE_MAX_PREDICTIONS,) if IMAGE_MAX_PREDICTIONS > 100 else ())
+    # the last maxDets must hold every prediction of the fullest image (a connected group can exceed 100)
+    per_image = np.bincount(pimg).max(initial=0) if len(pimg) else 0
+    md = (1, 10, max(100, int(per_image)))
     metrics = coco_metrics(gt, dets, area_bins=bins, max_dets=md)
     op_metrics = coco_metrics(gt, dets, iou_thresholds=[cfg.iou], area_bins=bins, max_dets=md, keep_eval=True)
     ev = op_metrics["_eval"]
@@ -467,18 +481,12 @@ def _write_report(out_dir, rep: EvalReport, classes, preds, ps, pn, truth, tn, m
         fp_idx = idx[above & ~np.isin(idx, tp_idx)]
         fn_idx = np.array([k for k in range(len(tb)) if k not in pair], dtype=np.int64)
         det_of = {d: g for g, d in pair.items()}
-
-        def iou_of(d):
-            g = det_of[d]
-            a, b = pb[d], tb[g]
-            iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-            ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-            inter = iw * ih
-            return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+        tp_iou = pair_iou(torch.as_tensor(pb[tp_idx]).reshape(-1, 4),
+                          torch.as_tensor(tb[[det_of[d] for d in tp_idx]]).reshape(-1, 4))
 
         layers = {
             "tp": gpd.GeoDataFrame({"label": pn[tp_idx].astype(str), "score": ps[tp_idx],
-                                    "iou": [iou_of(d) for d in tp_idx]},
+                                    "iou": tp_iou.numpy()},
                                    geometry=list(_polygons(pb[tp_idx], pz[tp_idx], out_crs)), crs=out_crs),
             "fp": gpd.GeoDataFrame({"label": pn[fp_idx].astype(str), "score": ps[fp_idx]},
                                    geometry=list(_polygons(pb[fp_idx], pz[fp_idx], out_crs)), crs=out_crs),
@@ -601,3 +609,49 @@ def is_coco_json(path: str | os.PathLike[str]) -> bool:
         return False
     return isinstance(d, dict) and "images" in d and "annotations" in d
 
+
+
+def evaluate_files(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_dir: str | os.PathLike[str], *,
+                   overwrite: bool = False) -> EvalReport:
+    """``geonet evaluate PREDICTIONS --truth TRUTH``: map-space evaluation (:func:`evaluate`), or a COCO pair
+    (:func:`evaluate_coco`) when ``truth`` is COCO ground truth.
+
+    Raises:
+        InputError: see :func:`evaluate` and :func:`evaluate_coco`.
+    """
+    if not predictions:
+        raise InputError("no PREDICTIONS given.", fix="pass the output of `geonet detect`, or --model with --imagery.")
+    if is_coco_json(truth):
+        if len(predictions) != 1:
+            raise InputError("a COCO truth file takes one COCO results .json as PREDICTIONS.",
+                             fix="pass exactly one COCO results .json.")
+        return evaluate_coco(truth, predictions[0], cfg, out_dir, overwrite=overwrite)
+    return evaluate(list(predictions), truth, cfg, out_dir, overwrite=overwrite)
+
+
+def evaluate_model(model: str, imagery: Sequence[str], truth: str, cfg: EvalConfig, out_dir: str | os.PathLike[str],
+                   *, overwrite: bool = False, show_progress: bool = True) -> EvalReport:
+    """Detect on ``imagery`` with ``model``, then evaluate against ``truth`` (``geonet evaluate --model``).
+
+    Detections go to ``OUT_DIR-detections/`` (one GeoJSON per scene), at the model's own low score
+    threshold (0.05 by default), not its operating point: AP needs the whole precision-recall curve.
+    Scenes already detected there are kept (resume), unless ``overwrite`` (the model may have changed).
+
+    Raises:
+        InputError: bad inputs, or a scene that fails to detect.
+    """
+    from geonet.atomic import make_dir
+    from geonet.checkpoint import read_checkpoint
+    from geonet.detect import DetectConfig, detect, resolve_outputs
+
+    out = Path(out_dir)
+    det_dir = out.parent / (out.name + "-detections")
+    make_dir(det_dir)
+    log.info("detecting into %s/", det_dir)
+    low = float(read_checkpoint(model)[0].model_config.score_thresh)
+    rep = detect(list(imagery), str(det_dir) + "/", DetectConfig(model=model, format="geojson", resume=not overwrite,
+                                                                 score_thresh=low), show_progress=show_progress)
+    if rep.failed:
+        raise InputError(f"{rep.failed} scene(s) failed to detect (see above).", fix="fix or leave out those scenes.")
+    predictions = [str(o) for o in resolve_outputs(list(imagery), str(det_dir) + "/", "geojson")[1]]
+    return evaluate(predictions, truth, cfg, out_dir, overwrite=overwrite)

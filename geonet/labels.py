@@ -69,11 +69,6 @@ class LabelSet:
     def __len__(self) -> int:
         return len(self.geometries)
 
-    @property
-    def class_map(self) -> dict[int, str]:
-        """``{class_id: name}``."""
-        return {i + 1: n for i, n in enumerate(self.classes)}
-
 
 def read_labels(path: str | os.PathLike[str], *, layer: str | int | None = None, class_field: str | None = None,
                 classes: Sequence[str] | None = None) -> LabelSet:

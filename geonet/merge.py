@@ -1,5 +1,9 @@
 """Seam-aware, streaming merge of tile detections into scene detections.
 
+Everything here is in the *detection frame*: scene pixels divided by the resampling scale of
+:class:`geonet.detect.ScenePlan` (the scene's own pixels when no resampling happens), in which the
+:class:`geonet.tiling.TileGrid` is laid out. Boxes are ``[x1, y1, x2, y2]``.
+
 Tiles overlap by at least the largest object, so every object that is cut by one tile's edge is seen
 whole by a neighbour. Plain NMS cannot use that: it keeps the half-box (when the halves' IoU with the
 whole box is below the threshold) or keeps the half when it scores higher. The rule here:
@@ -7,31 +11,32 @@ whole box is below the threshold) or keeps the half when it scores higher. The r
 1. **Partial or whole.** A detection that touches an *interior* edge of its tile (within
    ``edge_margin`` pixels; scene edges do not count) is *partial*: the tile saw only part of the
    object. Every other detection is *whole*.
-2. **Whole detections: core-priority NMS.** The scene is partitioned into tile *cores*: along each
-   axis, a tile's core runs from the middle of its overlap with the previous tile to the middle of
-   its overlap with the next. A whole detection whose centre lies in its own tile's core is
-   preferred over one that does not; then the score decides. Greedy class-aware NMS
-   (``torchvision.ops.batched_nms``, IoU >= ``iou_threshold``) with that priority keeps one box per
-   object. An object no larger than the overlap has its centre in exactly one core, at least
-   overlap/2 from that tile's interior edges, so that tile sees it whole. A kept detection whose
-   centre is *outside* its tile's core and that a kept core detection of the same class covers
-   (intersection over its area >= ``cover_ios``) is dropped too: it is the view of a cut object
-   whose box stops short of the tile edge (detectors rarely end a cut box exactly at the edge), and
-   the tile owning that core sees the object whole.
+2. **Whole detections: priority NMS.** Each whole detection gets a priority: :data:`FINAL` for the
+   kept detections of rows already returned (they are never suppressed again), :data:`CORE` when its
+   centre lies in its own tile's *core* (along each axis, from the middle of the tile's overlap with
+   the previous tile to the middle of its overlap with the next; the cores partition the frame), else
+   :data:`OFF_CORE`. Greedy class-aware NMS (``torchvision.ops.batched_nms``, IoU >= ``iou_threshold``)
+   ranks by priority, then score, and keeps one box per object. An object no larger than the overlap
+   has its centre in exactly one core, at least overlap/2 from that tile's interior edges, so that tile
+   sees it whole. A kept off-core detection that a kept core detection of the same class covers
+   (intersection over its area >= ``cover_ios``) is dropped too: it is the view of a cut object whose
+   box stops short of the tile edge (detectors rarely end a cut box exactly at the edge), and the tile
+   owning that core sees the object whole.
 3. **Partial detections** are dropped when a kept whole detection of the same class covers them
-   (intersection over the partial's area >= ``cover_ios``; the lookup uses an STR-tree). A partial
-   that no whole detection covers belongs to an object larger than the overlap: it is merged with
-   the partials of the same class across the seam (boxes that intersect and whose extents along
-   the seam overlap by 1-D IoU >= 0.5) into their union box, scored by the best piece.
+   (intersection over the partial's area >= ``cover_ios``). A partial that no whole detection covers
+   belongs to an object larger than the overlap: it is merged with the partials of the same class
+   across the seam (boxes that intersect and whose extents along either axis overlap by 1-D IoU >= 0.5)
+   into their union box, scored by the best piece.
 
 So an object cut by a seam comes out as exactly one box covering the whole object: neither a
 duplicate nor a truncated box.
 
 **Streaming, bounded memory.** Tiles arrive in row-major order. The detections of a tile row are
 final once every row whose tiles overlap it is complete (the next row; two with overlaps above half
-a tile or where the last row shifts inward): only those rows are held, whatever the scene size. NMS chains longer than one tile row (box A suppressed by B, B by C in the row after)
-could in principle differ from a whole-scene NMS; with the core priority they need three boxes of
-one object overlapping across two seams, which the tests never produce.
+a tile or where the last row shifts inward): only those rows are held, whatever the scene size. NMS
+chains longer than one tile row (box A suppressed by B, B by C in the row after) could in principle
+differ from a whole-scene NMS; with the core priority they need three boxes of one object overlapping
+across two seams, which the tests never produce.
 """
 
 from __future__ import annotations
@@ -40,65 +45,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import shapely
 import torch
+from torch import Tensor
 from torchvision.ops import batched_nms
 
-from geonet.chip import connected_components, window_offsets
+from geonet.boxes import box_ioa, connected_components, intersecting_pairs
+from geonet.tiling import TileGrid
 
-__all__ = ["TileGrid", "SeamMerger", "Detections"]
+__all__ = ["SeamMerger", "Detections", "FINAL", "CORE", "OFF_CORE"]
 
-
-@dataclass(frozen=True)
-class TileGrid:
-    """The tile layout of a scene (in the pixel frame detection runs in).
-
-    Attributes:
-        xs, ys: tile start columns / rows (``window_offsets`` of the width / height).
-        tile: tile side in pixels.
-        width, height: scene size in pixels.
-    """
-
-    xs: tuple[int, ...]
-    ys: tuple[int, ...]
-    tile: int
-    width: int
-    height: int
-
-    @classmethod
-    def build(cls, width: int, height: int, tile: int, overlap: int) -> TileGrid:
-        """Tiles of ``tile`` px every ``tile - overlap`` px, covering the scene edge to edge."""
-        stride = max(1, tile - overlap)
-        return cls(tuple(window_offsets(width, tile, stride)), tuple(window_offsets(height, tile, stride)), tile,
-                   width, height)
-
-    @property
-    def n_tiles(self) -> int:
-        return len(self.xs) * len(self.ys)
-
-    def _core_1d(self, starts: Sequence[int], i: int, length: int) -> tuple[float, float]:
-        lo = 0.0 if i == 0 else (starts[i - 1] + self.tile + starts[i]) / 2.0
-        hi = float(max(length, self.tile)) if i == len(starts) - 1 else (starts[i] + self.tile + starts[i + 1]) / 2.0
-        if i == 0:
-            lo = -np.inf
-        if i == len(starts) - 1:
-            hi = np.inf
-        return lo, hi
-
-    def core(self, r: int, c: int) -> tuple[float, float, float, float]:
-        """``(x0, y0, x1, y1)`` of tile ``(r, c)``'s core; the cores partition the plane."""
-        x0, x1 = self._core_1d(self.xs, c, self.width)
-        y0, y1 = self._core_1d(self.ys, r, self.height)
-        return x0, y0, x1, y1
-
-    def interior_edges(self, r: int, c: int) -> tuple[bool, bool, bool, bool]:
-        """Whether the left, top, right and bottom edges of tile ``(r, c)`` are shared with a neighbour."""
-        return c > 0, r > 0, c < len(self.xs) - 1, r < len(self.ys) - 1
+#: NMS priorities of whole detections (module docstring, step 2). Scores lie in [0, 1], so the NMS
+#: rank ``priority * 2 + score`` puts every detection of a higher priority before any of a lower one.
+FINAL, CORE, OFF_CORE = 2, 1, 0
 
 
 @dataclass
 class Detections:
-    """Boxes ``[N, 4]`` (xyxy, scene pixel frame), ``scores [N]``, ``labels [N]`` as CPU numpy arrays."""
+    """Merged detections as CPU numpy arrays: ``boxes [N, 4]`` (xyxy, detection frame, float64),
+    ``scores [N]`` (float64), ``labels [N]`` (int64 class ids)."""
 
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -117,31 +81,75 @@ class Detections:
 
 
 @dataclass
-class _Row:
-    boxes: list = field(default_factory=list)
-    scores: list = field(default_factory=list)
-    labels: list = field(default_factory=list)
-    partial: list = field(default_factory=list)
-    core: list = field(default_factory=list)
-    done: int = 0
+class _Boxes:
+    """Tile detections in the detection frame, on the merger's device.
 
-    def arrays(self):
-        if not self.boxes:
-            return (torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.int64),
-                    torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool))
-        return (torch.cat(self.boxes), torch.cat(self.scores), torch.cat(self.labels), torch.cat(self.partial),
-                torch.cat(self.core))
+    Attributes:
+        boxes: FloatTensor[N, 4] xyxy.
+        scores: FloatTensor[N].
+        labels: Int64Tensor[N].
+        partial: BoolTensor[N], touches an interior edge of its tile.
+        core: BoolTensor[N], centre inside its tile's core.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    partial: Tensor
+    core: Tensor
+
+    @staticmethod
+    def empty(device: torch.device) -> _Boxes:
+        return _Boxes(torch.zeros((0, 4), device=device), torch.zeros(0, device=device),
+                      torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.bool, device=device),
+                      torch.zeros(0, dtype=torch.bool, device=device))
+
+    @staticmethod
+    def cat(parts: Sequence[_Boxes], device: torch.device) -> _Boxes:
+        if not parts:
+            return _Boxes.empty(device)
+        return _Boxes(*(torch.cat([getattr(p, f) for p in parts]) for f in ("boxes", "scores", "labels", "partial",
+                                                                             "core")))
+
+    def __getitem__(self, mask: Tensor) -> _Boxes:
+        return _Boxes(self.boxes[mask], self.scores[mask], self.labels[mask], self.partial[mask], self.core[mask])
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def to_detections(self) -> Detections:
+        return Detections(self.boxes.cpu().numpy().astype(np.float64), self.scores.cpu().numpy().astype(np.float64),
+                          self.labels.cpu().numpy())
 
 
-def _ios(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection over the area of each ``a`` box, for aligned pairs ``[N, 4]`` x ``[N, 4]``."""
-    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    area = np.maximum((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]), 1e-9)
-    return iw * ih / area
+@dataclass
+class _Pieces:
+    """Uncovered partial detections as CPU numpy arrays (``boxes [N, 4]``, ``scores [N]``, ``labels [N]``),
+    with, for pieces of later rows, ``owner[k] = (row, index among that row's partials)``."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    owner: list[tuple[int, int]] = field(default_factory=list)
+
+    @staticmethod
+    def of(b: _Boxes) -> _Pieces:
+        return _Pieces(b.boxes.cpu().numpy(), b.scores.cpu().numpy(), b.labels.cpu().numpy())
+
+    def __getitem__(self, mask: np.ndarray) -> _Pieces:
+        owner = [self.owner[k] for k in np.flatnonzero(mask)] if self.owner else []
+        return _Pieces(self.boxes[mask], self.scores[mask], self.labels[mask], owner)
+
+    @staticmethod
+    def cat(parts: Sequence[_Pieces]) -> _Pieces:
+        if not parts:
+            return _Pieces(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+        return _Pieces(np.concatenate([p.boxes for p in parts]), np.concatenate([p.scores for p in parts]),
+                       np.concatenate([p.labels for p in parts]), [o for p in parts for o in p.owner])
 
 
-def _iou_1d(a0, a1, b0, b1):
+def _extent_iou(a0, a1, b0, b1):
+    """1-D IoU of the extents ``[a0, a1]`` and ``[b0, b1]`` (arrays)."""
     inter = np.clip(np.minimum(a1, b1) - np.maximum(a0, b0), 0, None)
     union = np.maximum(a1, b1) - np.minimum(a0, b0)
     return inter / np.maximum(union, 1e-9)
@@ -154,13 +162,14 @@ class SeamMerger:
         grid: the tile layout.
         iou_threshold: IoU of the class-aware NMS between whole detections of different tiles.
         edge_margin: pixels from an interior tile edge within which a box counts as touching it.
-        cover_ios: share of a partial box that a whole box must cover to absorb it.
+        cover_ios: share of a box that a kept whole box must cover to absorb it.
         device: where NMS runs (``batched_nms`` on the model's device).
 
     Use: call :meth:`add` for every tile in row-major order (tiles skipped as nodata with empty
     arrays), and collect :meth:`pop_final` after each call; :meth:`finish` returns the rest.
-    A row is final when every row whose tiles overlap it is complete; only the rows whose tiles
-    overlap the rows still open are held (two or three with overlaps up to half a tile).
+
+    Attributes:
+        max_held: the most detections held at once (bounded by a few tile rows).
     """
 
     def __init__(self, grid: TileGrid, *, iou_threshold: float = 0.5, edge_margin: float = 2.0,
@@ -170,27 +179,22 @@ class SeamMerger:
         self.edge_margin = edge_margin
         self.cover_ios = cover_ios
         self.device = torch.device(device)
-        self.rows: dict[int, _Row] = {}
-        self.kept: dict[int, tuple] = {}  # per final row: kept whole (boxes, scores, labels, core)
-        self.consumed: dict[int, set[int]] = {}  # per row: partial pieces already merged into an earlier output
+        self.rows: dict[int, list[_Boxes]] = {}  # open rows: the detections of each tile added so far
+        self.done: dict[int, int] = {}  # open rows: tiles added
+        self.kept: dict[int, _Boxes] = {}  # final rows still overlapping an open row: their kept whole boxes
+        self.consumed: dict[int, set[int]] = {}  # per open row: partials already merged into an earlier output
         self.next_final = 0
         self.max_held = 0
 
-    def _overlapping(self, r: int) -> list[int]:
-        """Rows whose tiles overlap row ``r``'s tiles (``r`` excluded)."""
-        ys, t = self.grid.ys, self.grid.tile
-        return [k for k in range(len(ys)) if k != r and abs(ys[k] - ys[r]) < t]
+    # ------------------------------------------------------------------ input
 
     def add(self, r: int, c: int, boxes, scores, labels) -> None:
-        """Add tile ``(r, c)``'s detections, in the tile's own pixel frame (``[N, 4]`` xyxy)."""
-        g = self.grid
-        boxes = torch.as_tensor(boxes, dtype=torch.float32, device=self.device).reshape(-1, 4)
-        scores = torch.as_tensor(scores, dtype=torch.float32, device=self.device).reshape(-1)
-        labels = torch.as_tensor(labels, dtype=torch.int64, device=self.device).reshape(-1)
-        x0, y0 = g.xs[c], g.ys[r]
+        """Add tile ``(r, c)``'s detections: ``boxes [N, 4]`` xyxy in the tile's own pixel frame,
+        ``scores [N]``, ``labels [N]`` (tensors or arrays, any device)."""
+        g, m, dev = self.grid, self.edge_margin, self.device
+        boxes = torch.as_tensor(boxes, dtype=torch.float32, device=dev).reshape(-1, 4)
         left, top, right, bottom = g.interior_edges(r, c)
-        m = self.edge_margin
-        partial = torch.zeros(len(boxes), dtype=torch.bool, device=self.device)
+        partial = torch.zeros(len(boxes), dtype=torch.bool, device=dev)
         if left:
             partial |= boxes[:, 0] <= m
         if top:
@@ -199,168 +203,161 @@ class SeamMerger:
             partial |= boxes[:, 2] >= g.tile - m
         if bottom:
             partial |= boxes[:, 3] >= g.tile - m
-        scene = boxes + torch.tensor([x0, y0, x0, y0], dtype=torch.float32, device=self.device)
-        cx = (scene[:, 0] + scene[:, 2]) / 2
-        cy = (scene[:, 1] + scene[:, 3]) / 2
+        x0, y0 = g.xs[c], g.ys[r]
+        frame = boxes + torch.tensor([x0, y0, x0, y0], dtype=torch.float32, device=dev)  # [N, 4]
+        cx, cy = (frame[:, 0] + frame[:, 2]) / 2, (frame[:, 1] + frame[:, 3]) / 2
         k0, k1, k2, k3 = g.core(r, c)
         core = (cx >= k0) & (cx < k2) & (cy >= k1) & (cy < k3)
-        row = self.rows.setdefault(r, _Row())
         if len(boxes):
-            row.boxes.append(scene)
-            row.scores.append(scores)
-            row.labels.append(labels)
-            row.partial.append(partial)
-            row.core.append(core)
-        row.done += 1
-        held = sum(len(b) for rw in self.rows.values() for b in rw.boxes) + sum(len(k[0]) for k in self.kept.values())
+            self.rows.setdefault(r, []).append(_Boxes(
+                frame, torch.as_tensor(scores, dtype=torch.float32, device=dev).reshape(-1),
+                torch.as_tensor(labels, dtype=torch.int64, device=dev).reshape(-1), partial, core))
+        self.done[r] = self.done.get(r, 0) + 1
+        held = sum(len(b) for parts in self.rows.values() for b in parts) + sum(len(k) for k in self.kept.values())
         self.max_held = max(self.max_held, held)
 
-    def _row_complete(self, r: int) -> bool:
-        return r in self.rows and self.rows[r].done == len(self.grid.xs)
+    # ------------------------------------------------------------------ output
 
     def pop_final(self) -> Detections:
-        """Detections of the rows that became final since the last call (scene pixel frame)."""
+        """Detections of the rows that became final since the last call (detection frame)."""
         out = []
-        n_rows = len(self.grid.ys)
-        while self.next_final < n_rows:
+        while self.next_final < len(self.grid.ys):
             r = self.next_final
-            later = [k for k in self._overlapping(r) if k > r]
-            if not (self._row_complete(r) and all(self._row_complete(k) for k in later)):
+            later = [k for k in self.grid.overlapping_rows(r) if k > r]
+            if not all(self._complete(k) for k in [r] + later):
                 break
             out.append(self._finalize(r))
             self.next_final += 1
             self._prune()
         return Detections.cat(out)
 
-    def _prune(self) -> None:
-        """Forget rows that no open row overlaps."""
-        open_rows = range(self.next_final, len(self.grid.ys))
-        needed = set(open_rows)
-        for r in open_rows:
-            needed.update(self._overlapping(r))
-            break  # the first open row overlaps the most previous rows
-        for k in [k for k in self.rows if k < self.next_final]:
-            self.rows.pop(k)  # final rows live on only through their kept boxes
-        for k in [k for k in self.kept if k not in needed]:
-            self.kept.pop(k)
-        for k in [k for k in self.consumed if k < self.next_final]:
-            self.consumed.pop(k)
-
     def finish(self) -> Detections:
-        """Everything not yet returned (call after the last tile)."""
+        """Everything not yet returned (call after the last tile).
+
+        Raises:
+            RuntimeError: tiles are missing.
+        """
         out = self.pop_final()
         if self.next_final < len(self.grid.ys):
             raise RuntimeError(f"tiles missing: rows {self.next_final}.. are incomplete")
         return out
 
-    def _finalize(self, r: int) -> Detections:
-        dev = self.device
-        before = [k for k in self._overlapping(r) if k < r]
-        after = [k for k in self._overlapping(r) if k > r]
-        # --- whole detections: priority NMS over kept(before) + whole(r) + whole(after)
-        parts_b, parts_s, parts_l, parts_src, parts_c = [], [], [], [], []
-        for k in before:
-            if k in self.kept and len(self.kept[k][0]):
-                kb, ks, kl, kc = self.kept[k]
-                parts_b.append(kb)
-                parts_s.append(ks + 4.0)  # already final: never suppressed
-                parts_l.append(kl)
-                parts_c.append(kc)
-                parts_src.append(torch.full((len(kb),), -1, dtype=torch.int64, device=dev))
-        arrays = {k: self.rows[k].arrays() for k in [r] + after}
-        for k in [r] + after:
-            b, s, lab, p, c = (t.to(dev) for t in arrays[k])
-            w = ~p
-            parts_b.append(b[w])
-            parts_s.append(s[w] + 2.0 * c[w].float())  # core detections first
-            parts_l.append(lab[w])
-            parts_c.append(c[w])
-            parts_src.append(torch.full((int(w.sum()),), 0 if k == r else 1, dtype=torch.int64, device=dev))
-        cb, cs, cl, csrc = torch.cat(parts_b), torch.cat(parts_s), torch.cat(parts_l), torch.cat(parts_src)
-        ccore = torch.cat(parts_c)
-        keep_mask = torch.zeros(len(cb), dtype=torch.bool, device=dev)
-        if len(cb):
-            keep_mask[batched_nms(cb, cs, cl, self.iou_threshold)] = True
-        # a kept detection outside its tile's core that a kept core detection covers is the cut (or
-        # shifted) view of an object another tile sees whole: drop it
-        core_b = cb[keep_mask & ccore].cpu().numpy()
-        core_l = cl[keep_mask & ccore].cpu().numpy()
-        cand = torch.nonzero(keep_mask & ~ccore & (csrc == 0)).flatten()
-        if len(cand):
-            gone = ~self._not_covered(cb[cand].cpu().numpy(), cl[cand].cpu().numpy(), core_b, core_l)
-            keep_mask[cand[torch.as_tensor(gone, device=dev)]] = False
-        b_r, s_r, l_r, p_r, _ = (t.to(dev) for t in arrays[r])
-        sel_r = keep_mask & (csrc == 0)
-        kept_r = (cb[sel_r], s_r[~p_r][keep_mask[csrc == 0]], cl[sel_r], ccore[sel_r])
-        self.kept[r] = kept_r
-        cov_b, cov_l = cb[keep_mask].cpu().numpy(), cl[keep_mask].cpu().numpy()
-        # --- partial detections of row r (minus pieces already merged into an earlier row's output)
-        pb, ps, pl = b_r[p_r].cpu().numpy(), s_r[p_r].cpu().numpy(), l_r[p_r].cpu().numpy()
-        alive = self._not_covered(pb, pl, cov_b, cov_l)
-        if self.consumed.get(r):
-            alive[list(self.consumed[r])] = False
-        pb, ps, pl = pb[alive], ps[alive], pl[alive]
-        # uncovered partials of later rows, for merging across horizontal seams
-        nb, ns, nl, owner = [], [], [], []
-        for k in after:
-            b, s, lab, p, _ = arrays[k]
-            kb, ks, kl = b[p].cpu().numpy(), s[p].cpu().numpy(), lab[p].cpu().numpy()
-            idx = np.flatnonzero(self._not_covered(kb, kl, cov_b, cov_l))
-            idx = np.array([i for i in idx if i not in self.consumed.get(k, set())], dtype=np.int64)
-            if len(idx):
-                nb.append(kb[idx])
-                ns.append(ks[idx])
-                nl.append(kl[idx])
-                owner.extend((k, int(i)) for i in idx)
-        nb = np.concatenate(nb) if nb else np.zeros((0, 4))
-        ns = np.concatenate(ns) if ns else np.zeros(0)
-        nl = np.concatenate(nl) if nl else np.zeros(0, np.int64)
-        merged, used = self._merge_partials(pb, ps, pl, nb, ns, nl)
-        for u in used:
-            k, i = owner[u]
-            self.consumed.setdefault(k, set()).add(i)
-        whole = Detections(kept_r[0].cpu().numpy().astype(np.float64), kept_r[1].cpu().numpy().astype(np.float64),
-                           kept_r[2].cpu().numpy())
-        return Detections.cat([whole, merged])
+    # ------------------------------------------------------------------ steps
 
-    def _not_covered(self, pb, pl, cov_b, cov_l) -> np.ndarray:
-        """Mask of partial boxes that no covering box of the same class covers by ``cover_ios``."""
-        alive = np.ones(len(pb), dtype=bool)
-        if len(pb) == 0 or len(cov_b) == 0:
-            return alive
-        tree = shapely.STRtree(shapely.box(*cov_b.T))
-        pi, ci = tree.query(shapely.box(*pb.T), predicate="intersects")
-        if len(pi):
-            same = pl[pi] == cov_l[ci]
-            ios = _ios(pb[pi], cov_b[ci])
-            hit = same & (ios >= self.cover_ios)
-            alive[np.unique(pi[hit])] = False
+    def _complete(self, r: int) -> bool:
+        return self.done.get(r, 0) == len(self.grid.xs)
+
+    def _row(self, r: int) -> _Boxes:
+        return _Boxes.cat(self.rows.get(r, []), self.device)
+
+    def _prune(self) -> None:
+        """Forget what no open row needs: the tiles of final rows (they live on through their kept
+        boxes), and the kept boxes of rows that no open row overlaps."""
+        first_open = self.next_final
+        needed = set(range(first_open, len(self.grid.ys)))
+        if first_open < len(self.grid.ys):
+            needed.update(self.grid.overlapping_rows(first_open))  # the first open row overlaps the most
+        for store in (self.rows, self.done, self.consumed):
+            for k in [k for k in store if k < first_open]:
+                store.pop(k)
+        for k in [k for k in self.kept if k not in needed]:
+            self.kept.pop(k)
+
+    def _finalize(self, r: int) -> Detections:
+        """The final detections of row ``r``: its kept whole boxes, then its merged partial pieces."""
+        before = [k for k in self.grid.overlapping_rows(r) if k < r]
+        after = [k for k in self.grid.overlapping_rows(r) if k > r]
+        rows = {k: self._row(k) for k in [r] + after}
+        kept_r, covers = self._whole(r, before, after, rows)
+        self.kept[r] = kept_r
+        merged = self._partials(r, after, rows, covers)
+        return Detections.cat([kept_r.to_detections(), merged])
+
+    def _whole(self, r: int, before: list[int], after: list[int], rows: dict[int, _Boxes]
+               ) -> tuple[_Boxes, _Boxes]:
+        """Priority NMS of the whole detections (step 2).
+
+        Returns:
+            ``(kept_r, covers)``: the kept whole detections of row ``r``, and every kept whole
+            detection around it (final rows, row ``r``, later rows) that may cover a partial one.
+        """
+        dev = self.device
+        final = _Boxes.cat([self.kept[k] for k in before if k in self.kept and len(self.kept[k])], dev)
+        whole = {k: rows[k][~rows[k].partial] for k in [r] + after}
+        cand = _Boxes.cat([final] + [whole[k] for k in [r] + after], dev)
+        priority = torch.cat([torch.full((len(final),), FINAL, device=dev)]
+                             + [torch.where(whole[k].core, CORE, OFF_CORE).to(dev) for k in [r] + after])
+        source = torch.cat([torch.full((len(final),), -1, device=dev)]
+                           + [torch.full((len(whole[k]),), k, device=dev) for k in [r] + after])
+        keep = torch.zeros(len(cand), dtype=torch.bool, device=dev)
+        if len(cand):
+            rank = priority * 2.0 + cand.scores
+            keep[batched_nms(cand.boxes, rank, cand.labels, self.iou_threshold)] = True
+        # an off-core detection of row r covered by a kept core detection is the cut (or shifted) view
+        # of an object whose owning tile sees it whole
+        off = torch.nonzero(keep & ~cand.core & (source == r)).flatten()
+        if len(off):
+            covered = ~self._uncovered(_Pieces.of(cand[off]), _Pieces.of(cand[keep & cand.core]))
+            keep[off[torch.as_tensor(covered, device=dev)]] = False
+        return cand[keep & (source == r)], cand[keep]
+
+    def _uncovered(self, pieces: _Pieces, covers: _Pieces) -> np.ndarray:
+        """Mask ``[N]`` of the pieces that no box of ``covers`` of the same class covers by ``cover_ios``."""
+        alive = np.ones(len(pieces.boxes), dtype=bool)
+        i, j = intersecting_pairs(pieces.boxes, covers.boxes)
+        if len(i):
+            ioa = box_ioa(torch.as_tensor(pieces.boxes[i]), torch.as_tensor(covers.boxes[j])).numpy()
+            hit = (pieces.labels[i] == covers.labels[j]) & (ioa >= self.cover_ios)
+            alive[np.unique(i[hit])] = False
         return alive
 
-    def _merge_partials(self, pb, ps, pl, nb, ns, nl) -> tuple[Detections, list[int]]:
-        """Union the uncovered partial pieces of one object (row r, plus row r+1 across the seam)."""
-        if len(pb) == 0:
-            return Detections(), []
-        allb = np.concatenate([pb, nb]) if len(nb) else pb
-        alls = np.concatenate([ps, ns]) if len(nb) else ps
-        alll = np.concatenate([pl, nl]) if len(nb) else pl
-        tree = shapely.STRtree(shapely.box(*allb.T))
-        a, b = tree.query(shapely.box(*allb.T), predicate="intersects")
-        keep = (a < b) & (alll[a] == alll[b])
-        a, b = a[keep], b[keep]
-        seam = np.maximum(_iou_1d(allb[a, 0], allb[a, 2], allb[b, 0], allb[b, 2]),
-                          _iou_1d(allb[a, 1], allb[a, 3], allb[b, 1], allb[b, 3])) >= 0.5
+    def _partials(self, r: int, after: list[int], rows: dict[int, _Boxes], covers: _Boxes) -> Detections:
+        """Step 3: drop covered partials; union the rest of row ``r`` with their pieces in later rows."""
+        cov = _Pieces.of(covers)
+        mine = _Pieces.of(rows[r][rows[r].partial])
+        alive = self._uncovered(mine, cov)
+        alive[list(self.consumed.get(r, ()))] = False  # already merged into an earlier row's output
+        mine = mine[alive]
+        if len(mine.boxes) == 0:
+            return Detections()
+        later = []
+        for k in after:
+            theirs = _Pieces.of(rows[k][rows[k].partial])
+            theirs.owner = [(k, i) for i in range(len(theirs.boxes))]
+            ok = self._uncovered(theirs, cov)
+            ok[list(self.consumed.get(k, ()))] = False
+            later.append(theirs[ok])
+        out, used = self._union_pieces(mine, _Pieces.cat(later))
+        for k, i in used:
+            self.consumed.setdefault(k, set()).add(i)
+        return out
+
+    @staticmethod
+    def _union_pieces(mine: _Pieces, later: _Pieces) -> tuple[Detections, list[tuple[int, int]]]:
+        """Union boxes of the pieces of one object: ``mine`` (row r) plus ``later`` (rows across the seam).
+
+        Pieces of one class are linked when they intersect and their extents along either axis overlap
+        by 1-D IoU >= 0.5; each linked group holding a piece of row r becomes one box scored by its best
+        piece. Returns the boxes and the ``owner`` of each later piece used.
+        """
+        allp = _Pieces.cat([mine, later])
+        b, n_mine = allp.boxes, len(mine.boxes)
+        i, j = intersecting_pairs(b, b)
+        link = (i < j) & (allp.labels[i] == allp.labels[j])
+        i, j = i[link], j[link]
+        seam = np.maximum(_extent_iou(b[i, 0], b[i, 2], b[j, 0], b[j, 2]),
+                          _extent_iou(b[i, 1], b[i, 3], b[j, 1], b[j, 3])) >= 0.5
         groups: dict[int, list[int]] = {}
-        for i, g in enumerate(connected_components(len(allb), a[seam], b[seam]).tolist()):
-            groups.setdefault(g, []).append(i)
-        out_b, out_s, out_l, used_next = [], [], [], []
+        for k, g in enumerate(connected_components(len(b), i[seam], j[seam]).tolist()):
+            groups.setdefault(g, []).append(k)
+        out_b, out_s, out_l, used = [], [], [], []
         for members in groups.values():
-            if not any(m < len(pb) for m in members):
-                continue  # only row r+1 pieces: they are handled when that row is final
-            g = allb[members]
+            if not any(m < n_mine for m in members):
+                continue  # only later pieces: they are handled when their row is final
+            g = b[members]
             out_b.append([g[:, 0].min(), g[:, 1].min(), g[:, 2].max(), g[:, 3].max()])
-            out_s.append(alls[members].max())
-            out_l.append(alll[members[0]])
-            used_next.extend(m - len(pb) for m in members if m >= len(pb))
+            out_s.append(allp.scores[members].max())
+            out_l.append(allp.labels[members[0]])
+            used.extend(later.owner[m - n_mine] for m in members if m >= n_mine)
         return Detections(np.array(out_b, dtype=np.float64).reshape(-1, 4), np.array(out_s, dtype=np.float64),
-                          np.array(out_l, dtype=np.int64)), used_next
+                          np.array(out_l, dtype=np.int64)), used

@@ -20,7 +20,10 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["coco_metrics", "coco_from_dicts", "operating_point", "COCO_AREA_BINS"]
+from geonet.boxes import xyxy_to_xywh
+
+__all__ = ["coco_metrics", "coco_from_dicts", "coco_annotations", "coco_detections", "operating_point",
+           "COCO_AREA_BINS"]
 
 #: COCO's own size bins in square pixels: small < 32^2, medium < 96^2, large.
 COCO_AREA_BINS = (("small", 0.0, 32.0 ** 2), ("medium", 32.0 ** 2, 96.0 ** 2), ("large", 96.0 ** 2, 1e10))
@@ -37,6 +40,47 @@ def coco_from_dicts(gt: dict) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+def coco_annotations(image_ids, boxes, class_ids, *, iscrowd: int = 0, first_id: int = 1,
+                     decimals: int | None = None, skip_empty: bool = False) -> list[dict]:
+    """COCO ground-truth annotations from xyxy boxes.
+
+    Args:
+        image_ids: ``[N]`` COCO image id of each box (or one int for all).
+        boxes: ``[N, 4]`` ``[x1, y1, x2, y2]``; COCO's ``bbox`` is ``[x1, y1, x2 - x1, y2 - y1]``.
+        class_ids: ``[N]`` category ids.
+        iscrowd: 1 for ignore regions (also written as ``ignore``).
+        first_id: annotation id of the first box (ids are consecutive).
+        decimals: round ``bbox`` and ``area`` to this many decimals.
+        skip_empty: leave out boxes with no width or height.
+
+    Returns:
+        ``[{"id", "image_id", "category_id", "bbox", "area", "iscrowd", "ignore"}, ...]``.
+    """
+    xywh = xyxy_to_xywh(boxes)
+    n = len(xywh)
+    ids = np.broadcast_to(np.asarray(image_ids), (n,))
+    out = []
+    for k, (b, img, cls) in enumerate(zip(xywh.tolist(), ids.tolist(), np.asarray(class_ids).tolist())):
+        if skip_empty and (b[2] <= 0 or b[3] <= 0):
+            continue
+        area = b[2] * b[3]
+        if decimals is not None:
+            b, area = [round(v, decimals) for v in b], round(area, decimals)
+        out.append({"id": first_id + len(out), "image_id": int(img), "category_id": int(cls), "bbox": b,
+                    "area": area, "iscrowd": int(iscrowd), "ignore": int(iscrowd)})
+    return out
+
+
+def coco_detections(image_ids, boxes, class_ids, scores) -> list[dict]:
+    """COCO results ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]`` from xyxy boxes
+    ``[N, 4]`` with ``[N]`` image ids (or one int), category ids and scores."""
+    xywh = xyxy_to_xywh(boxes)
+    ids = np.broadcast_to(np.asarray(image_ids), (len(xywh),))
+    return [{"image_id": int(i), "category_id": int(c), "bbox": b, "score": float(s)}
+            for i, c, b, s in zip(ids.tolist(), np.asarray(class_ids).tolist(), xywh.tolist(),
+                                  np.asarray(scores).tolist())]
 
 
 def coco_metrics(gt: dict, detections: Sequence[dict], *, iou_thresholds: Sequence[float] | None = None,

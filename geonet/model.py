@@ -43,14 +43,22 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
-from torchvision.models.detection.retinanet import (RetinaNet, RetinaNetClassificationHead, RetinaNetHead,
-                                                    RetinaNetRegressionHead, _box_loss, _sum)
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import (
+    RetinaNet,
+    RetinaNetClassificationHead,
+    RetinaNetHead,
+    RetinaNetRegressionHead,
+    _box_loss,
+    _sum,
+)
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from geonet.boxes import box_ioa
 from geonet.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -77,8 +85,10 @@ class ModelConfig:
         topk_candidates: candidates per level before NMS.
         mean, std: per-band normalisation statistics in raw band units (length ``in_channels``).
         p6_from: ``"c5"`` (the paper) or ``"p5"`` (torchvision's COCO v1 weights).
-        trainable_layers: backbone stages that are trained (5 = all).
-        frozen_bn: use frozen batch norm in the backbone (pretrained weights).
+        trainable_layers: backbone stages that are trained (5 = all); ``None``: 3 with pretrained
+            weights, 5 from scratch (resolved by :func:`build_model`).
+        frozen_bn: use frozen batch norm in the backbone; ``None``: with pretrained weights only
+            (resolved by :func:`build_model`).
     """
 
     backbone: str = "resnet50"
@@ -98,8 +108,8 @@ class ModelConfig:
     mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     p6_from: str = "c5"
-    trainable_layers: int = 5
-    frozen_bn: bool = False
+    trainable_layers: int | None = None
+    frozen_bn: bool | None = None
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
@@ -211,8 +221,11 @@ def anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
 class GeoTransform(GeneralizedRCNNTransform):
     """GeneralizedRCNNTransform without resizing, normalising with the data's own band statistics.
 
-    Images are padded to a multiple of 32 and batched; boxes are left untouched (native size and GSD).
-    With ``channels_last`` the batch is laid out NHWC for faster convolutions on CUDA.
+    Images are normalised (``(x - mean) / std`` per band), padded with 0 (the band mean) to a multiple
+    of 32 and batched; boxes are left untouched (native size and GSD). With ``channels_last`` the batch
+    is laid out NHWC for faster convolutions. Training goes through ``forward`` (a list of images of
+    any sizes), detection through :meth:`batch` (one ``[B, C, H, W]`` tensor); both use the same
+    normalisation and padding.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
@@ -227,6 +240,19 @@ class GeoTransform(GeneralizedRCNNTransform):
         if self.channels_last:
             batched = batched.contiguous(memory_format=torch.channels_last)
         return batched
+
+    def batch(self, x: Tensor) -> Tensor:
+        """Normalise and pad a ``[B, C, H, W]`` batch of raw band values (any dtype) -> float32
+        ``[B, C, H', W']``, ``H'`` and ``W'`` the next multiples of 32."""
+        x = self.normalize(x.float())  # [C, 1, 1] statistics broadcast over [B, C, H, W]
+        h, w = x.shape[-2:]
+        ph, pw = math.ceil(h / self.size_divisible) * self.size_divisible, \
+            math.ceil(w / self.size_divisible) * self.size_divisible
+        if (ph, pw) != (h, w):
+            x = torch.nn.functional.pad(x, (0, pw - w, 0, ph - h))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def postprocess(self, result, image_shapes, original_image_sizes):
         return result  # no resize happened, nothing to map back
@@ -286,7 +312,7 @@ class GeoRetinaNet(RetinaNet):
     per image with ``boxes`` (FloatTensor[N, 4], ``[x1, y1, x2, y2]`` pixels of that image,
     ``0 <= x1 < x2 <= W``), ``scores`` (FloatTensor[N]) and ``labels`` (Int64Tensor[N], ``1..K``).
     ``images`` is a list of FloatTensor ``[C, H, W]`` of raw band values; targets may carry
-    ``ignore`` (FloatTensor[M, 4]).
+    ``ignore`` (FloatTensor[M, 4]). Detection over tiles uses :meth:`predict_batch`.
     """
 
     IGNORE_IOA = 0.5
@@ -301,21 +327,39 @@ class GeoRetinaNet(RetinaNet):
                 m = self.proposal_matcher(quality)
             ignore = targets_per_image.get("ignore")
             if ignore is not None and ignore.numel():
-                ioa = _intersection_over_first(anchors_per_image, ignore.to(anchors_per_image))  # [A, M]
+                ioa = box_ioa(anchors_per_image[:, None], ignore.to(anchors_per_image)[None])  # [A, M]
                 on_ignore = (ioa.max(dim=1).values >= self.IGNORE_IOA) & (m < 0)
                 m = torch.where(on_ignore, torch.full_like(m, self.proposal_matcher.BETWEEN_THRESHOLDS), m)
             matched_idxs.append(m)
         return self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
 
+    @torch.inference_mode()
+    def predict_batch(self, batch: Tensor, *, autocast: torch.dtype | None = None) -> list[dict[str, Tensor]]:
+        """Detect on a batch of equally sized tiles (the eval half of ``forward``, without its per-image copies).
 
-def _intersection_over_first(a: Tensor, b: Tensor) -> Tensor:
-    """``[A, M]`` intersection area over the area of each box of ``a`` (``[A, 4]`` and ``[M, 4]`` xyxy)."""
-    lt = torch.max(a[:, None, :2], b[None, :, :2])  # [A, M, 2]
-    rb = torch.min(a[:, None, 2:], b[None, :, 2:])  # [A, M, 2]
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]  # [A, M]
-    area = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])).clamp(min=1e-6)  # [A]
-    return inter / area[:, None]
+        Args:
+            batch: ``[B, C, H, W]`` raw band values, any dtype, on the model's device.
+            autocast: run the backbone and heads under ``torch.autocast`` with this dtype (bf16, fp16);
+                box decoding and NMS stay in fp32.
+
+        Returns:
+            One dict per tile: ``boxes`` FloatTensor[N, 4] (xyxy, tile pixels), ``scores`` FloatTensor[N],
+            ``labels`` Int64Tensor[N] (``1..K``), on the model's device.
+        """
+        h, w = batch.shape[-2:]
+        x = self.transform.batch(batch)  # [B, C, H', W'] normalised, padded
+        with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            features = list(self.backbone(x).values())  # P3..P7, each [B, 256, h_l, w_l]
+            head = self.head(features)  # cls_logits [B, HWA, K + 1], bbox_regression [B, HWA, 4]
+        head = {k: v.float() for k, v in head.items()}
+        images = ImageList(x, [(h, w)] * x.shape[0])
+        anchors = self.anchor_generator(images, features)  # B x [HWA, 4]
+        per_level = [f.size(2) * f.size(3) for f in features]
+        a = head["cls_logits"].size(1) // sum(per_level)
+        per_level = [n * a for n in per_level]
+        split_head = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
+        split_anchors = [list(an.split(per_level)) for an in anchors]
+        return self.postprocess_detections(split_head, split_anchors, images.image_sizes)
 
 
 def _load_local_state_dict(path: str) -> dict:
@@ -406,13 +450,19 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
             torchvision key names (e.g. ``mobilenet_v2_imagenet.pth``) or a geonet checkpoint (fine-tune).
 
     Returns:
-        A :class:`GeoRetinaNet` in train mode, on the CPU.
+        A :class:`GeoRetinaNet` in train mode, on the CPU. ``cfg.trainable_layers`` and ``cfg.frozen_bn``
+        are resolved in place when ``None`` (the checkpoint then records what was built).
 
     Raises:
         InputError: bad config, weights that do not fit the backbone, or weights that cannot be
             downloaded (the message says which file to place where).
     """
     cfg.validate()
+    pretrained = weights not in ("none", "", None)
+    if cfg.trainable_layers is None:
+        cfg.trainable_layers = 3 if pretrained else 5
+    if cfg.frozen_bn is None:
+        cfg.frozen_bn = pretrained
     if weights == "coco":
         if cfg.backbone != "resnet50":
             raise InputError(f"--weights coco exists for --backbone resnet50 only (got {cfg.backbone}).",

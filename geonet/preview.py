@@ -8,15 +8,24 @@ between its 2nd and 98th percentiles over valid pixels. Boxes are drawn with
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
-__all__ = ["to_display", "draw_boxes", "chip_previews"]
+from geonet.atomic import atomic_file
+from geonet.boxes import xywh_to_xyxy
+
+if TYPE_CHECKING:
+    from geonet.raster import RasterInfo
+    from geonet.tiling import TileGrid
+
+__all__ = ["to_display", "draw_boxes", "chip_previews", "PreviewCanvas"]
 
 TARGET_COLOUR = "yellow"
 IGNORE_COLOUR = "red"
@@ -84,11 +93,64 @@ def chip_previews(chip_dir: Path, coco: dict, n: int) -> list[Path]:
             valid = src.dataset_mask() > 0
         rgb = to_display(data, valid)
         anns = by_image.get(im["id"], [])
-        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                          for a in anns]).reshape(-1, 4)
+        boxes = xywh_to_xyxy([a["bbox"] for a in anns])
         colours = [IGNORE_COLOUR if a.get("iscrowd") else TARGET_COLOUR for a in anns]
         rgb = draw_boxes(rgb, boxes, colour=colours, width=2)
         path = out_dir / (Path(im["file_name"]).stem + ".png")
         save_png(rgb, path)
         written.append(path)
     return written
+
+
+class PreviewCanvas:
+    """A downsampled copy of a scene built from its detection tiles as they are read, with boxes drawn last.
+
+    Args:
+        grid: the scene's tile grid (detection frame).
+        info: the scene's header (bands, dtype).
+    """
+
+    MAX_SIDE = 2048
+    MAX_BOXES = 1_000_000
+
+    def __init__(self, grid: TileGrid, info: RasterInfo):
+        self.grid = grid
+        self.step = max(1, math.ceil(max(grid.width, grid.height) / self.MAX_SIDE))
+        h, w = -(-grid.height // self.step), -(-grid.width // self.step)
+        nb = min(3, len(info.bands))
+        self.canvas = np.zeros((nb, h, w), dtype=np.float32)
+        self.valid = np.zeros((h, w), dtype=bool)
+        self.dtype = info.dtype
+        self.boxes: list[np.ndarray] = []
+        self.n_boxes = 0
+
+    def add_tiles(self, data: np.ndarray, tiles) -> None:
+        """Paint tiles ``data`` ``[B, C, tile, tile]`` at grid positions ``tiles`` ``[(row, col), ...]``."""
+        s, g = self.step, self.grid
+        for d, (r, c) in zip(data, tiles):
+            y0, x0 = g.ys[r], g.xs[c]
+            oy, ox = (-y0) % s, (-x0) % s  # first tile pixel on the canvas grid
+            sub = d[: self.canvas.shape[0], oy::s, ox::s].astype(np.float32)
+            cy, cx = (y0 + oy) // s, (x0 + ox) // s
+            hh = min(sub.shape[1], self.canvas.shape[1] - cy)
+            ww = min(sub.shape[2], self.canvas.shape[2] - cx)
+            if hh > 0 and ww > 0:
+                self.canvas[:, cy:cy + hh, cx:cx + ww] = sub[:, :hh, :ww]
+                self.valid[cy:cy + hh, cx:cx + ww] = True
+
+    def add_boxes(self, boxes: np.ndarray) -> None:
+        """Remember boxes ``[N, 4]`` (xyxy, detection frame) to draw."""
+        if self.n_boxes < self.MAX_BOXES:
+            self.boxes.append(np.asarray(boxes, dtype=np.float32) / self.step)
+            self.n_boxes += len(boxes)
+
+    def save(self, path) -> Path:
+        """Write the PNG atomically."""
+        data = self.canvas.astype(self.dtype) if self.dtype == "uint8" else self.canvas
+        rgb = to_display(data, self.valid)
+        boxes = np.concatenate(self.boxes) if self.boxes else np.zeros((0, 4))
+        rgb = draw_boxes(rgb, boxes, colour="yellow", width=1 if self.step > 1 else 2)
+        p = Path(path)
+        with atomic_file(p) as tmp:
+            save_png(rgb, tmp)
+        return p

@@ -143,14 +143,23 @@ class RasterInfo:
         return None if self.gsd is None else float(np.sqrt(self.gsd[0] * self.gsd[1]))
 
     @property
-    def rotated(self) -> bool:
-        return self.transform.b != 0 or self.transform.d != 0
+    def crs_label(self) -> str | None:
+        """``"EPSG:n"`` when the CRS has an EPSG code, else its WKT (``None`` without a CRS)."""
+        if self.crs is None:
+            return None
+        return f"EPSG:{self.epsg}" if self.epsg else self.crs
 
-    def footprint(self):
-        """The raster's outline as a shapely polygon in its CRS (a parallelogram if rotated)."""
-        from geonet.georef import pixel_boxes_to_polygons
+    def footprint(self, box: Sequence[float] | None = None, *, crs: str | None = None):
+        """The outline of ``box`` (pixel frame ``[x1, y1, x2, y2]``; default the whole raster) as a shapely
+        polygon in the raster's CRS, or reprojected to ``crs`` (e.g. ``"EPSG:4326"``). A parallelogram
+        when the pixels are rotated."""
+        from geonet.georef import pixel_boxes_to_polygons, to_crs
 
-        return pixel_boxes_to_polygons(np.array([[0, 0, self.width, self.height]]), self.transform)[0]
+        b = [0, 0, self.width, self.height] if box is None else list(box)
+        poly = pixel_boxes_to_polygons(np.array([b], dtype=float), self.transform)
+        if crs is not None:
+            poly = to_crs(poly, self.crs, crs)
+        return poly[0]
 
 
 def _default_bands(src: rasterio.DatasetReader) -> tuple[int, ...]:

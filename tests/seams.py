@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from geonet.merge import SeamMerger, TileGrid
+from geonet.merge import SeamMerger
+from geonet.tiling import TileGrid
 
 
 def seam_objects(grid: TileGrid, rng, *, size=(12, 40), per_seam=3):

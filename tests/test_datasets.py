@@ -20,7 +20,7 @@ def test_chip_folder_and_on_the_fly_agree(tmp_path):
     write_chips(plan, tmp_path / "chips", cfg)
     for split in ("train", "val"):
         a = ChipDataset(tmp_path / "chips", split=split)
-        b = RasterWindowDataset(infos, index, cfg, split=split, plan=plan)
+        b = RasterWindowDataset(plan, split=split)
         assert len(a) == len(b) > 0
         for i in range(len(a)):
             ia, ta = a[i]
@@ -35,7 +35,7 @@ def test_chip_folder_and_on_the_fly_agree(tmp_path):
 def test_sample_format_and_fill(tmp_path):
     r, lab, _ = make_scene(tmp_path, width=100, height=90, n=4, nodata=0, bands=1, dtype="uint16")
     cfg = ChipConfig(size=128)
-    ds = RasterWindowDataset([describe_raster(r)], LabelIndex(read_labels(lab)), cfg, fill_values=[123.0])
+    ds = RasterWindowDataset.from_rasters([describe_raster(r)], LabelIndex(read_labels(lab)), cfg, fill_values=[123.0])
     img, t = ds[0]
     assert img.dtype == torch.float32 and img.shape == (1, 128, 128)
     assert (img[:, 100:, :] == 123.0).all()  # padding holds the fill value
@@ -53,7 +53,8 @@ def test_seeded_augmentation_is_pure(tmp_path):
         calls.append(k)
         return image + k, target
 
-    ds = RasterWindowDataset([describe_raster(r)], LabelIndex(read_labels(lab)), ChipConfig(size=128), transform=aug)
+    ds = RasterWindowDataset.from_rasters([describe_raster(r)], LabelIndex(read_labels(lab)), ChipConfig(size=128),
+                                          transform=aug)
     a = ds[(0, 7)][0]
     b = ds[(0, 7)][0]
     c = ds[(0, 8)][0]

@@ -20,11 +20,11 @@ import torch
 from affine import Affine
 from click.testing import CliRunner
 
-from geonet.checkpoint import save_checkpoint
+from geonet.checkpoint import CheckpointHeader, save_checkpoint
 from geonet.cli.main import cli
 from geonet.detect import DetectConfig, Detector, detect_scene, plan_scene
 from geonet.georef import geometries_to_pixel, pixel_boxes_to_polygons
-from geonet.merge import TileGrid
+from geonet.tiling import TileGrid
 from geonet.model import ModelConfig, build_model
 from seams import count_errors, seam_objects
 
@@ -36,12 +36,10 @@ def make_ckpt(path, *, bands=1, dtype="uint16", gsd=0.1, chip=128, max_box=40, c
                       std=[50.0] * bands, anchor_sizes=(16, 32, 64, 128, 256))
     torch.manual_seed(0)
     model = build_model(cfg)
-    meta = {"classes": list(classes), "bands": list(range(1, bands + 1)), "dtype": dtype, "nodata": None,
-            "gsd": [gsd, gsd], "chip_size": chip,
-            "box_stats": {"width": [5, 8, 20, 35, max_box], "height": [5, 8, 20, 35, max_box],
-                          "side": [5, 8, 20, 35, max_box]},
-            "train_config": {}, "metrics": metrics or {}, "epoch": 0}
-    save_checkpoint(path, model, cfg, meta)
+    stats = [5, 8, 20, 35, max_box]
+    save_checkpoint(path, model, CheckpointHeader(
+        model_config=cfg, classes=list(classes), bands=list(range(1, bands + 1)), dtype=dtype, gsd=[gsd, gsd],
+        chip_size=chip, box_stats={"width": stats, "height": stats, "side": stats}, metrics=metrics or {}, epoch=0))
     return path
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.ops import batched_nms
 
-from geonet.merge import TileGrid
+from geonet.tiling import TileGrid
 from seams import count_errors, oracle_tiles, seam_objects, stream_merge
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from geonet.anchors import anchor_coverage, best_anchor_iou, check_against_torchvision, fit_anchors
+from geonet.anchors import STRIDES, anchor_coverage, best_anchor_iou, fit_anchors
 from geonet.errors import InputError
 from geonet.model import BACKBONES, ModelConfig, adapt_first_conv, build_model
 
@@ -106,3 +106,17 @@ def test_anchor_coverage_exact_and_fit():
     assert fit.coverage >= fit.default_coverage
     small = ModelConfig(anchor_sizes=fit.sizes, anchor_ratios=fit.ratios)
     assert anchor_coverage(boxes, small, (256, 256))[0] == pytest.approx(fit.coverage)
+
+
+def check_against_torchvision(boxes, cfg, image_size):
+    """Best IoU by brute force over every anchor torchvision generates."""
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.ops import box_iou
+
+    from geonet.model import anchor_generator
+
+    h, w = image_size
+    gen = anchor_generator(cfg)
+    feats = [torch.zeros(1, 1, -(-h // s), -(-w // s)) for s in STRIDES]
+    anchors = gen(ImageList(torch.zeros(1, 3, h, w), [(h, w)]), feats)[0]
+    return box_iou(torch.as_tensor(boxes, dtype=torch.float32), anchors).max(dim=1).values.double().numpy()

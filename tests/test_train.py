@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from geonet.checkpoint import load_checkpoint, read_checkpoint
 from geonet.cli.main import cli
 from geonet.errors import InputError
-from geonet.train import NonFiniteLoss, TrainConfig, TrainingInterrupted, prepare_data, train
+from geonet.training import NonFiniteLoss, TrainConfig, TrainingInterrupted, prepare_data, train
 from synth import make_scene, paint, write_raster
 
 FAST = dict(size=64, backbone="resnet18", batch_size=2, anchor_sizes=[16, 32, 64, 128, 256], epochs=2,
@@ -46,7 +46,12 @@ def scenes(tmp_path):
 
 
 def _cfg(tmp, rasters, labels, name="run", **kw):
-    return TrainConfig(output=str(tmp / name), imagery=rasters, labels=labels, **{**FAST, **kw})
+    return TrainConfig.from_options({"output": str(tmp / name), "imagery": rasters, "labels": labels, **FAST, **kw})
+
+
+def header(path):
+    """The checkpoint's header (weights_only=True inside)."""
+    return read_checkpoint(path)[0]
 
 
 def test_run_folder_and_self_describing_checkpoint(scenes):
@@ -57,16 +62,14 @@ def test_run_folder_and_self_describing_checkpoint(scenes):
               "summary.json", "split.json"):
         assert (run / f).exists(), f
     assert list((run / "tb").glob("events.*"))
-    ck = read_checkpoint(run / "best.pt")  # weights_only=True inside
-    for key in ("classes", "bands", "dtype", "nodata", "gsd", "chip_size", "model_config", "train_config",
-                "geonet_version", "box_stats", "box_stats_m", "metrics"):
-        assert key in ck, key
-    assert ck["classes"] == ["labels"] and ck["bands"] == [1, 2, 3] and ck["dtype"] == "uint8"
-    assert ck["gsd"] == pytest.approx([0.1, 0.1], rel=1e-3) and ck["chip_size"] == 64
-    assert ck["box_stats_m"]["side"][-1] == pytest.approx(ck["box_stats"]["side"][-1] * 0.1, rel=1e-2)
-    assert len(ck["model_config"]["mean"]) == 3 and ck["model_config"]["anchor_sizes"][0] == 16
+    ck = header(run / "best.pt")
+    assert ck.format_version == 2 and ck.geonet_version and ck.train_config and ck.metrics and ck.box_stats
+    assert ck.classes == ["labels"] and ck.bands == [1, 2, 3] and ck.dtype == "uint8"
+    assert ck.gsd == pytest.approx([0.1, 0.1], rel=1e-3) and ck.chip_size == 64
+    assert ck.box_stats_m["side"][-1] == pytest.approx(ck.box_stats["side"][-1] * 0.1, rel=1e-2)
+    assert len(ck.model_config.mean) == 3 and ck.model_config.anchor_sizes[0] == 16
     model, meta = load_checkpoint(run / "best.pt")  # detection needs nothing else
-    assert not model.training and meta["classes"] == ["labels"]
+    assert not model.training and meta.classes == ["labels"]
     split = json.loads((run / "split.json").read_text())
     assert {s["source"] for s in split["train"]}.isdisjoint({s["source"] for s in split["val"]}) and split["val"]
     df = pd.read_csv(run / "metrics.csv")
@@ -103,14 +106,13 @@ def test_resume_after_ctrl_c_gives_identical_weights(scenes):
     with pytest.raises(TrainingInterrupted, match="--resume") as ei:
         train(_cfg(tmp, rasters, labels, "cut", **kw), progress=False, extra_callbacks=[_ctrl_c(2)])
     assert ei.value.exit_code == 130
-    assert read_checkpoint(tmp / "cut" / "last.pt")["epoch"] == 1  # two complete epochs kept
-    from geonet.train import load_run_config
+    assert header(tmp / "cut" / "last.pt").epoch == 1  # two complete epochs kept
+    from geonet.training import load_run_config
     train(load_run_config(tmp / "cut"), resume=True, progress=False)
-    a = read_checkpoint(tmp / "straight" / "last.pt")
-    b = read_checkpoint(tmp / "cut" / "last.pt")
-    assert a["epoch"] == b["epoch"] == 2
-    for k, v in a["state_dict"].items():
-        assert torch.equal(v, b["state_dict"][k]), k
+    (a, wa), (b, wb) = read_checkpoint(tmp / "straight" / "last.pt"), read_checkpoint(tmp / "cut" / "last.pt")
+    assert a.epoch == b.epoch == 2
+    for k, v in wa.items():
+        assert torch.equal(v, wb[k]), k
     # the log keeps the epochs before the interruption, once each
     la, lb = (pd.read_csv(tmp / r / "metrics.csv").dropna(subset=["train/loss_epoch"]) for r in ("straight", "cut"))
     assert list(lb["epoch"]) == list(la["epoch"]) == [0, 1, 2]
@@ -134,7 +136,7 @@ def test_ctrl_c_delivered_inside_a_finaliser_still_stops(scenes):
     with pytest.raises(TrainingInterrupted):
         train(_cfg(tmp, rasters, labels, "del", epochs=3, limit_train_batches=3), progress=False,
               extra_callbacks=[CtrlCInDel()])
-    assert read_checkpoint(tmp / "del" / "last.pt")["epoch"] == 0
+    assert header(tmp / "del" / "last.pt").epoch == 0
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(scenes):
@@ -148,7 +150,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(scenes):
     # the resumable state written before the first step is still there, untouched
     ck = torch.load(tmp / "run" / "last.ckpt", weights_only=True)
     assert ck["global_step"] == 0
-    assert not (tmp / "run" / "best.pt").exists() or read_checkpoint(tmp / "run" / "best.pt")["epoch"] >= 0
+    assert not (tmp / "run" / "best.pt").exists() or header(tmp / "run" / "best.pt").epoch >= 0
 
 
 def test_band_count_mismatch(scenes):
@@ -182,7 +184,8 @@ def test_cli_train_yaml_config_flags_override(scenes):
                                    "--no-progress"])
     assert res.exit_code == 0, res.output
     saved = yaml.safe_load((tmp / "r" / "config.yaml").read_text())
-    assert saved["epochs"] == 1 and saved["backbone"] == "resnet18" and saved["val_fraction"] == 0.25
+    assert saved["optim"]["epochs"] == 1 and saved["model"]["backbone"] == "resnet18"
+    assert saved["chip"]["val_fraction"] == 0.25
     assert "best epoch" in res.output
 
 
@@ -199,7 +202,7 @@ def test_cli_train_bad_input(scenes, case):
         conf = tmp / "c.yaml"
         conf.write_text("epochz: 3\n")
         args += ["--config", str(conf)]
-        needle = "unknown config keys"
+        needle = "unknown keys ['epochz']"
     else:
         (tmp / "r").mkdir()
         (tmp / "r" / "x").write_text("x")
@@ -232,7 +235,7 @@ def test_sigint_leaves_resumable_checkpoint(scenes):
     assert ck["epoch"] >= 0
     res = CliRunner().invoke(cli, ["train", "--resume", "-o", str(run), "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert read_checkpoint(run / "last.pt")["epoch"] == 39
+    assert header(run / "last.pt").epoch == 39
 
 
 @pytest.mark.slow
@@ -245,8 +248,8 @@ def test_detector_learns_synthetic_objects(tmp_path):
     loss = df.dropna(subset=["train/loss_epoch"])["train/loss_epoch"].to_numpy()
     assert loss[-3:].mean() < 0.7 * loss[:2].mean()
     assert res.best_metrics["AP50"] > 0.3
-    op = read_checkpoint(Path(res.run_dir) / "best.pt")["metrics"]["operating_point"]
-    assert op["iou"] == 0.5 and 0.05 <= op["score_thresh"] < 1 and op["f1"] > 0.3
+    op = header(Path(res.run_dir) / "best.pt").operating_point
+    assert op.iou == 0.5 and 0.05 <= op.score_thresh < 1 and op.f1 > 0.3
 
 
 def test_train_from_chip_folder_and_voc(scenes):
@@ -254,9 +257,10 @@ def test_train_from_chip_folder_and_voc(scenes):
     res = CliRunner().invoke(cli, ["chip", "--imagery", rasters[0], "--imagery", rasters[1], "--labels", labels,
                                    "-o", str(tmp / "chips"), "--size", "64", "--split", "val=0.5"])
     assert res.exit_code == 0, res.output
-    r = train(TrainConfig(output=str(tmp / "from_chips"), chips=str(tmp / "chips"), backbone="resnet18", epochs=1,
-                          batch_size=2, limit_train_batches=1, anchor_sizes=[16, 32, 64, 128, 256]), progress=False)
-    assert r.n_val > 0 and read_checkpoint(tmp / "from_chips" / "best.pt")["chip_size"] == 64
+    r = train(TrainConfig.from_options(dict(output=str(tmp / "from_chips"), chips=str(tmp / "chips"),
+                                            backbone="resnet18", epochs=1, batch_size=2, limit_train_batches=1,
+                                            anchor_sizes=[16, 32, 64, 128, 256])), progress=False)
+    assert r.n_val > 0 and header(tmp / "from_chips" / "best.pt").chip_size == 64
     assert len(gpd.read_file(tmp / "from_chips" / "val_area.geojson")) == 1  # chips carry their georeferencing
     # validation ground truth uses the image ids the samples carry (the chips' COCO ids, not positions)
     ann = tmp / "chips" / "annotations.json"
@@ -266,7 +270,7 @@ def test_train_from_chip_folder_and_voc(scenes):
     for a in coco["annotations"]:
         a["image_id"] += 100
     ann.write_text(json.dumps(coco))
-    data = prepare_data(TrainConfig(output="unused", chips=str(tmp / "chips")))
+    data = prepare_data(TrainConfig.from_options({"output": "unused", "chips": str(tmp / "chips")}))
     gt_ids = sorted(im["id"] for im in data.val_gt["images"])
     assert gt_ids and min(gt_ids) > 100
     assert gt_ids == sorted(int(data.val[i][1]["image_id"]) for i in range(len(data.val)))
@@ -283,35 +287,49 @@ def test_train_from_chip_folder_and_voc(scenes):
         (voc / "Annotations" / f"i{k}.xml").write_text(
             f"<annotation><filename>i{k}.png</filename><object><name>pool</name><bndbox><xmin>31</xmin>"
             "<ymin>21</ymin><xmax>60</xmax><ymax>50</ymax></bndbox></object></annotation>")
-    r = train(TrainConfig(output=str(tmp / "from_voc"), voc=str(voc), backbone="resnet18", epochs=1, batch_size=2,
-                          anchor_sizes=[16, 32, 64, 128, 256], val_fraction=0.25), progress=False)
-    ck = read_checkpoint(tmp / "from_voc" / "best.pt")
-    assert ck["classes"] == ["pool"] and ck["gsd"] is None and r.n_val == 1
+    r = train(TrainConfig.from_options(dict(output=str(tmp / "from_voc"), voc=str(voc), backbone="resnet18", epochs=1,
+                                            batch_size=2, anchor_sizes=[16, 32, 64, 128, 256], val_fraction=0.25)),
+              progress=False)
+    ck = header(tmp / "from_voc" / "best.pt")
+    assert ck.classes == ["pool"] and ck.gsd is None and r.n_val == 1
 
 
 def test_resume_warns_only_about_options_that_differ():
-    from geonet.cli.train import _differs
+    cfg = TrainConfig.from_options(dict(output="x", imagery=["a.tif"], epochs=120, batch_size=4, amp="bf16",
+                                        val_fraction=0.2, anchor_sizes=[32.0, 64.0]))
+    assert cfg.differences({"epochs": 120, "amp": "bf16", "imagery": ["a.tif"], "val_fraction": 0.2,
+                            "anchor_sizes": [32, 64]}) == []
+    assert cfg.differences({"epochs": 200, "imagery": ["b.tif"], "anchor_sizes": [16, 64]}) == [
+        "epochs", "imagery", "anchor_sizes"]
 
-    cfg = TrainConfig(output="x", imagery=["a.tif"], epochs=120, batch_size=4, amp="bf16", val_fraction=0.2,
-                      anchor_sizes=[32.0, 64.0])
-    assert not _differs(cfg, "epochs", 120)
-    assert _differs(cfg, "epochs", 200)
-    assert not _differs(cfg, "amp", "bf16")
-    assert not _differs(cfg, "imagery", ("a.tif",))
-    assert _differs(cfg, "imagery", ("b.tif",))
-    assert not _differs(cfg, "split", "val=0.2")
-    assert not _differs(cfg, "anchor_sizes", "32,64")
-    assert _differs(cfg, "anchor_sizes", "16,64")
+
+def test_config_round_trip_and_old_flat_files(tmp_path):
+    """config.yaml is nested; the flat files of format 1 still load (for --resume of old runs)."""
+    from geonet.training import load_run_config
+
+    cfg = TrainConfig.from_options(dict(output=str(tmp_path), imagery=["a.tif"], labels="l.shp", size=256, lr=1e-3,
+                                        backbone="resnet18", anchor_sizes=[16, 32, 64, 128, 256], seed=3))
+    d = cfg.to_dict()
+    assert d["chip"]["size"] == 256 and d["optim"]["lr"] == 1e-3 and d["model"]["backbone"] == "resnet18"
+    assert "mean" not in d["model"] and "seed" not in d["chip"] and d["seed"] == 3
+    assert TrainConfig.from_dict(d) == cfg
+    flat = {"output": str(tmp_path), "imagery": ["a.tif"], "labels": "l.shp", "size": 256, "lr": 1e-3,
+            "backbone": "resnet18", "anchor_sizes": [16, 32, 64, 128, 256], "seed": 3, "val_fraction": 0.2}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(flat))
+    assert load_run_config(tmp_path) == cfg
+    with pytest.raises(InputError, match="unknown keys"):
+        TrainConfig.from_dict({"chip": {"sise": 3}})
 
 
 def test_val_area_is_the_ground_of_the_val_split(scenes):
     """val_area.geojson covers exactly the val windows: the --aoi for a held-out evaluation."""
     import shapely
 
-    from geonet.train import split_listing, val_area
+    from geonet.training import split_listing, val_area
 
     tmp, rasters, labels = scenes
-    data = prepare_data(TrainConfig(output="unused", imagery=rasters, labels=labels, size=64, val_fraction=0.25))
+    data = prepare_data(TrainConfig.from_options(dict(output="unused", imagery=rasters, labels=labels, size=64,
+                                                      val_fraction=0.25)))
     area = val_area(data)
     val_sources = {Path(v["source"]).name for v in split_listing(data)["val"]}
     assert val_sources and area is not None and area.area > 0

@@ -1,0 +1,206 @@
+"""Detection quality on ground the model has not seen: leave-one-site-out on NEON, plus Kampala and Atlanta.
+
+    .venv/bin/python bench/quality_bench.py                       # the default recipe, every protocol
+    .venv/bin/python bench/quality_bench.py --recipes today,default --protocols loso
+    .venv/bin/python bench/quality_bench.py --list                # the recipes (rows) and protocols
+
+Every row is a *recipe*: the flags a user passes to ``geonet train`` (``default`` passes none). Every
+protocol trains with ``geonet train`` and scores with ``geonet evaluate`` exactly as a user would, in
+subprocesses, so the figures are those of the command line:
+
+* ``loso`` -- leave-one-site-out on ``../shared/data/neon-trees`` (sites SJER, OSBS, HARV): train on the
+  plots of two sites, detect on every plot of the third, evaluate at IoU 0.4 (DeepForest's NEON
+  benchmark). Precision, recall and F1 are taken at the checkpoint's own operating point (the score
+  threshold ``geonet detect`` uses by default), never at a threshold tuned on the test site. AP50 from
+  the whole precision-recall curve (detections down to the model's 0.05).
+* ``indomain`` -- all 52 NEON plots with the spatial validation split (``--split val=0.2``, whole plots);
+  evaluated on the validation plots only (``--aoi val_area.geojson``).
+* ``kampala`` -- train on the z19 and z21 rasters (0.30 and 0.075 m) with a block split, evaluate on z20
+  (0.15 m, a GSD the model never saw) inside the held-out blocks only.
+* ``atlanta`` -- one 16-bit panchromatic scene, block split, evaluated on the held-out blocks.
+
+Output: one Markdown table per protocol on stdout and in ``--out``/``quality.md``, plus every run
+folder and report (``--out``, default ``bench/out/quality``). A run folder that already holds
+``best.pt`` and a report is reused (``--fresh`` retrains), so an interrupted bench resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = Path(os.environ.get("GEONET_SHARED", REPO.parent / "shared")) / "data"
+NEON = SHARED / "neon-trees"
+SITES = ("SJER", "OSBS", "HARV")
+WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
+
+#: Recipes: extra flags of ``geonet train``. ``default`` is what a user gets with no flags.
+RECIPES: dict[str, str] = {
+    "default": "",
+    # the recipe the README suggested before issue 10 (and its measurements)
+    "today": f"--backbone mobilenet_v2 --weights {WEIGHTS} --fit-anchors --size 400 --amp bf16 --epochs 40",
+}
+
+
+def geonet(*args: str, log: Path) -> float:
+    """Run one geonet command (this checkout's), appending its output to ``log``; returns seconds."""
+    cmd = [sys.executable, "-m", "geonet.cli.main", *args]
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write("$ geonet " + " ".join(shlex.quote(a) for a in args) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed (exit {proc.returncode}): geonet {' '.join(args)}; see {log}")
+    return time.perf_counter() - t0
+
+
+def operating_score(ckpt: Path) -> float:
+    """The checkpoint's operating point: the score threshold ``geonet detect`` applies by default."""
+    import torch
+
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    op = (ck.get("metrics") or {}).get("operating_point") or {}
+    return float(op.get("score_thresh", ck["model_config"]["score_thresh"]))
+
+
+def train_and_evaluate(name: str, out: Path, flags: str, train_args: list[str], eval_args: list[str],
+                       fresh: bool) -> dict:
+    """Train (unless done), detect at the model's low threshold, and evaluate at its operating point."""
+    run, report = out / "run", out / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"
+    summary = run / "summary.json"
+    t_train = None
+    if fresh or not summary.exists():
+        t_train = geonet("train", *train_args, "-o", str(run), "--overwrite", "--no-progress", *shlex.split(flags),
+                         log=log)
+    thr = operating_score(run / "best.pt")
+    if fresh or t_train is not None or not (report / "report.json").exists():
+        geonet("evaluate", "--model", str(run / "best.pt"), *eval_args, "--iou", "0.4", "--score-thresh",
+               f"{thr:.6f}", "-o", str(report), "--overwrite", log=log)
+    rep = json.loads((report / "report.json").read_text())
+    s = json.loads(summary.read_text())
+    op = rep["operating_point"]
+    return {"name": name, "P": op["precision"], "R": op["recall"], "F1": op["f1"], "AP50": rep["metrics"]["AP50"],
+            "AP": rep["metrics"]["AP"], "thr": thr, "n_truth": rep["n_truth"], "train_s": s["seconds"],
+            "epochs": s["epochs_run"], "val_AP50": (s.get("best_metrics") or {}).get("AP50")}
+
+
+def _link_tiles(folder: Path, tiles: list[Path]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for t in tiles:
+        dst = folder / t.name
+        if not dst.exists():
+            dst.symlink_to(t.resolve())
+    return folder
+
+
+def loso(recipe: str, flags: str, out: Path, fresh: bool, folds=SITES) -> list[dict]:
+    tiles = sorted((NEON / "tiles").glob("*.tif"))
+    labels = str(NEON / "labels" / "trees.shp")
+    rows = []
+    for site in folds:
+        train_dir = _link_tiles(out / "data" / f"without_{site}", [t for t in tiles if not t.name.startswith(site)])
+        test_dir = _link_tiles(out / "data" / site, [t for t in tiles if t.name.startswith(site)])
+        r = train_and_evaluate(f"test {site}", out / recipe / f"loso_{site}", flags,
+                               ["--imagery", str(train_dir), "--labels", labels, "--class-field", "label"],
+                               ["--imagery", str(test_dir), "--truth", labels, "--class-field", "label"], fresh)
+        rows.append(r)
+    return rows
+
+
+def indomain(recipe: str, flags: str, out: Path, fresh: bool) -> list[dict]:
+    labels = str(NEON / "labels" / "trees.shp")
+    run_out = out / recipe / "indomain"
+    return [train_and_evaluate(
+        "NEON val plots", run_out, flags,
+        ["--imagery", str(NEON / "tiles"), "--labels", labels, "--class-field", "label", "--split", "val=0.2"],
+        ["--imagery", str(NEON / "tiles"), "--truth", labels, "--class-field", "label",
+         "--aoi", str(run_out / "run" / "val_area.geojson")], fresh)]
+
+
+def kampala(recipe: str, flags: str, out: Path, fresh: bool) -> list[dict]:
+    d = SHARED / "kampala-buildings"
+    run_out = out / recipe / "kampala"
+    return [train_and_evaluate(
+        "z20 held-out blocks", run_out, flags,
+        ["--imagery", str(d / "kampala_z19.tif"), "--imagery", str(d / "kampala_z21.tif"),
+         "--labels", str(d / "buildings.geojson"), "--split", "val=0.3", "--split-by", "block"],
+        ["--imagery", str(d / "kampala_z20.tif"), "--truth", str(d / "buildings.geojson"),
+         "--aoi", str(run_out / "run" / "val_area.geojson")], fresh)]
+
+
+def atlanta(recipe: str, flags: str, out: Path, fresh: bool) -> list[dict]:
+    d = SHARED / "spacenet-atlanta"
+    run_out = out / recipe / "atlanta"
+    return [train_and_evaluate(
+        "held-out blocks", run_out, flags,
+        ["--imagery", str(d / "atlanta_pan.tif"), "--labels", str(d / "buildings.geojson"), "--split", "val=0.3",
+         "--split-by", "block"],
+        ["--imagery", str(d / "atlanta_pan.tif"), "--truth", str(d / "buildings.geojson"),
+         "--aoi", str(run_out / "run" / "val_area.geojson")], fresh)]
+
+
+PROTOCOLS = {"loso": loso, "indomain": indomain, "kampala": kampala, "atlanta": atlanta}
+
+
+def table(title: str, results: dict[str, list[dict]]) -> str:
+    lines = [f"### {title}", "", "| recipe | ground | P | R | F1 | AP50 | score thr | truth | train s | epochs | "
+             "val AP50 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for recipe, rows in results.items():
+        for r in rows:
+            lines.append(f"| {recipe} | {r['name']} | {r['P']:.3f} | {r['R']:.3f} | {r['F1']:.3f} | {r['AP50']:.3f} | "
+                         f"{r['thr']:.3f} | {r['n_truth']} | {r['train_s']:.0f} | {r['epochs']} | "
+                         f"{(r['val_AP50'] if r['val_AP50'] is not None else float('nan')):.3f} |")
+        if len(rows) > 1:
+            mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("P", "R", "F1", "AP50", "train_s")}
+            lines.append(f"| {recipe} | **mean** | **{mean['P']:.3f}** | **{mean['R']:.3f}** | **{mean['F1']:.3f}** | "
+                         f"**{mean['AP50']:.3f}** | | | {mean['train_s']:.0f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipes", default="default", help="comma-separated recipe names (see --list)")
+    ap.add_argument("--protocols", default="loso,indomain,kampala,atlanta")
+    ap.add_argument("--folds", default=",".join(SITES), help="held-out sites of the loso protocol")
+    ap.add_argument("--out", default=str(HERE / "out" / "quality"))
+    ap.add_argument("--fresh", action="store_true", help="retrain even where a finished run exists")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args(argv)
+    if args.list:
+        for k, v in RECIPES.items():
+            print(f"{k:>16}: geonet train ... {v}")
+        print("protocols:", ", ".join(PROTOCOLS))
+        return
+    if not NEON.is_dir():
+        raise SystemExit(f"needs ../shared/data (not found at {SHARED})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = []
+    for proto in args.protocols.split(","):
+        results = {}
+        for recipe in args.recipes.split(","):
+            flags = RECIPES[recipe]
+            if proto == "loso":
+                results[recipe] = loso(recipe, flags, out, args.fresh, folds=args.folds.split(","))
+            else:
+                results[recipe] = PROTOCOLS[proto](recipe, flags, out, args.fresh)
+            print(table(proto, {recipe: results[recipe]}), flush=True)
+        md.append(table(proto, results))
+    text = "\n".join(md)
+    print(text)
+    (out / "quality.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
