@@ -30,7 +30,9 @@ D = DetectConfig(model="")
 @click.option("--amp", type=click.Choice(AMP_CHOICES), default=None, show_default=D.amp,
               help="Compute precision. auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is ~1.9x faster on CPU).")
 @click.option("--score-thresh", type=float, default=None, help="Minimum score [default: the checkpoint's].")
-@click.option("--merge-iou", type=float, default=None, show_default=f"{D.merge_iou:g}", help="IoU of the cross-tile NMS.")
+@click.option("--nms-iou", type=float, default=None,
+              help="IoU of the NMS inside tiles [default: the checkpoint's, chosen on the validation set].")
+@click.option("--merge-iou", type=float, default=None, help="IoU of the cross-tile NMS [default: the NMS IoU].")
 @click.option("--resample/--no-resample", default=None, show_default=str(D.resample).lower(),
               help="Resample scenes whose GSD differs from the training GSD by more than 10 %.")
 @click.option("--allow-no-crs", is_flag=True, default=None, help="Accept scenes without a CRS and write pixel coordinates.")
@@ -46,7 +48,7 @@ def detect(scenes, output, progress, **options):
     rep = run_detection(list(scenes), output, DetectConfig(**given(options)), show_progress=progress)
     if rep.scenes:
         click.echo(f"score >= {rep.score_thresh:.3f} ({rep.score_source}; --score-thresh 0.05 keeps the whole "
-                   "precision-recall curve for evaluation)")
+                   f"precision-recall curve for evaluation), NMS IoU {rep.nms_iou:g}")
     for r in rep.scenes:
         if r.error:
             click.echo(f"FAILED {r.scene}: {r.error}", err=True)

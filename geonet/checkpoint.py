@@ -27,8 +27,9 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointHeader", "OperatingPoint", "sa
            "read_checkpoint", "load_checkpoint", "file_sha256"]
 
 FORMAT = "geonet-detector"
-#: 1: the first release; 2: the same keys, read through :class:`CheckpointHeader`.
-FORMAT_VERSION = 2
+#: 1: the first release; 2: the same keys, read through :class:`CheckpointHeader`; 3: a classification
+#: layer of K outputs (1 and 2 had K + 1, output 0 for the background; loading drops it).
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class OperatingPoint:
         iou: IoU at which detections were matched to the truth.
         score_thresh: the score that maximised F1 at ``iou``: ``geonet detect``'s default threshold.
         precision, recall, f1: at that threshold, on the validation set.
+        nms_iou: the NMS IoU chosen with it (``None`` in checkpoints before it was chosen).
     """
 
     iou: float
@@ -46,6 +48,7 @@ class OperatingPoint:
     precision: float = 0.0
     recall: float = 0.0
     f1: float = 0.0
+    nms_iou: float | None = None
 
 
 @dataclass
@@ -92,8 +95,8 @@ class CheckpointHeader:
         op = (self.metrics or {}).get("operating_point")
         if not op or op.get("score_thresh") is None:
             return None
-        return OperatingPoint(**{k: float(op[k]) for k in ("iou", "score_thresh", "precision", "recall", "f1")
-                                 if k in op})
+        return OperatingPoint(**{k: float(op[k]) for k in ("iou", "score_thresh", "precision", "recall", "f1",
+                                                             "nms_iou") if op.get(k) is not None})
 
     @property
     def train_gsd(self) -> float | None:
@@ -169,9 +172,24 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[GeoRetinaNet, Checkpo
     """
     header, state = read_checkpoint(path)
     model = build_model(header.model_config, weights="none")
+    if header.format_version < 3:
+        state = _drop_background_output(state, header.model_config)
     model.load_state_dict(state)
     model.eval()
     return model, header
+
+
+def _drop_background_output(state: dict, cfg: ModelConfig) -> dict:
+    """Format 1-2 -> 3: the classification layer of ``A * (K + 1)`` outputs (anchor-major, output 0 of each
+    anchor the background) becomes ``A * K``."""
+    key = "head.classification_head.cls_logits"
+    w, b = state[f"{key}.weight"], state[f"{key}.bias"]  # [A * (K + 1), 256, 3, 3], [A * (K + 1)]
+    k = cfg.num_classes
+    a = w.shape[0] // (k + 1)
+    if w.shape[0] != a * (k + 1) or a * k == w.shape[0]:
+        return state
+    return {**state, f"{key}.weight": w.view(a, k + 1, *w.shape[1:])[:, 1:].reshape(a * k, *w.shape[1:]),
+            f"{key}.bias": b.view(a, k + 1)[:, 1:].reshape(a * k)}
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -70,7 +70,8 @@ class DetectConfig:
         workers: reader processes (default: half the cores, at most 4).
         device, amp: see :mod:`geonet.device`.
         score_thresh: minimum score (default: the checkpoint's operating point).
-        merge_iou: IoU of the cross-tile NMS (:class:`geonet.merge.SeamMerger`).
+        nms_iou: IoU of the NMS inside tiles (default: the checkpoint's, chosen on the validation set).
+        merge_iou: IoU of the cross-tile NMS (:class:`geonet.merge.SeamMerger`; default: the NMS IoU).
         resample: resample scenes whose GSD differs from the training GSD by more than 10 %.
         allow_no_crs: accept scenes without a CRS and write pixel coordinates.
         nodata: nodata value overriding the scene's.
@@ -88,7 +89,8 @@ class DetectConfig:
     device: str = "auto"
     amp: str = "auto"
     score_thresh: float | None = None
-    merge_iou: float = 0.5
+    nms_iou: float | None = None
+    merge_iou: float | None = None
     resample: bool = True
     allow_no_crs: bool = False
     nodata: float | None = None
@@ -124,17 +126,20 @@ class Detector:
         score_thresh: minimum score of a detection. Default: the checkpoint's operating point (the
             score that maximised F1 at IoU 0.5 on the validation set of the saved epoch), else the
             model's own threshold (0.05). ``score_source`` says which.
+        nms_iou: IoU of the NMS inside a tile and across tile seams. Default: the one chosen with the
+            operating point on the validation set, else the model's (0.5).
 
     Attributes:
         header: the checkpoint's :class:`geonet.checkpoint.CheckpointHeader`.
         model: the :class:`geonet.model.GeoRetinaNet`, in eval mode on ``device``.
+        nms_iou: the NMS IoU in use (also the merge's default).
 
     Raises:
         InputError: a bad checkpoint, or ``cuda`` without a CUDA device.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", precision: str = "auto",
-                 score_thresh: float | None = None):
+                 score_thresh: float | None = None, nms_iou: float | None = None):
         model, header = load_checkpoint(path)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -148,6 +153,11 @@ class Detector:
             self.score_source = f"validation max F1 at IoU {op.iou:g}"
         else:
             self.score_source = "model default"
+        if nms_iou is not None:
+            model.nms_thresh = float(nms_iou)
+        elif op is not None and op.nms_iou is not None:
+            model.nms_thresh = op.nms_iou
+        self.nms_iou = float(model.nms_thresh)
         self.model = model.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -403,7 +413,8 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                                          pin_memory=cuda, prefetch_factor=4 if workers else None,
                                          persistent_workers=False, worker_init_fn=_reader_init)
-    merger = SeamMerger(grid, iou_threshold=cfg.merge_iou, device=det.device)
+    merge_iou = cfg.merge_iou if cfg.merge_iou is not None else det.nms_iou
+    merger = SeamMerger(grid, iou_threshold=merge_iou, device=det.device)
     preview = PreviewCanvas(grid, info) if cfg.preview else None
     sha = det.sha256
     meta = {
@@ -412,7 +423,7 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
         "scene_gsd_m": info.gsd_mean, "train_gsd_m": det.header.gsd, "resample_scale": plan.scale,
         "tile_px": grid.tile, "overlap_px": plan.overlap, "score_thresh": float(det.model.score_thresh),
         "score_thresh_source": det.score_source,
-        "model_nms_iou": float(det.model.nms_thresh), "merge_iou": cfg.merge_iou, "device": det.device.type,
+        "model_nms_iou": det.nms_iou, "merge_iou": merge_iou, "device": det.device.type,
         "precision": det.precision, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     scene_name = Path(path).name
@@ -472,6 +483,7 @@ class DetectReport:
     skipped_done: int
     score_thresh: float = 0.0
     score_source: str = ""
+    nms_iou: float = 0.5
 
     @property
     def ok(self) -> bool:
@@ -526,7 +538,7 @@ def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectCon
 
     t0 = time.perf_counter()
     paths, outs = resolve_outputs(scenes, output, cfg.format)
-    det = Detector(cfg.model, device=cfg.device, precision=cfg.amp, score_thresh=cfg.score_thresh)
+    det = Detector(cfg.model, device=cfg.device, precision=cfg.amp, score_thresh=cfg.score_thresh, nms_iou=cfg.nms_iou)
     todo, done_before, results = [], 0, []
     plans: dict[int, ScenePlan | GeonetError] = {}
     for i, (p, o) in enumerate(zip(paths, outs)):
@@ -566,5 +578,6 @@ def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectCon
             failed += 1
     bar.close()
     return DetectReport(scenes=results, seconds=time.perf_counter() - t0, failed=failed, skipped_done=done_before,
-                        score_thresh=float(det.model.score_thresh), score_source=det.score_source)
+                        score_thresh=float(det.model.score_thresh), score_source=det.score_source,
+                        nms_iou=det.nms_iou)
 

@@ -15,18 +15,24 @@ whole box is below the threshold) or keeps the half when it scores higher. The r
    kept detections of rows already returned (they are never suppressed again), :data:`CORE` when its
    centre lies in its own tile's *core* (along each axis, from the middle of the tile's overlap with
    the previous tile to the middle of its overlap with the next; the cores partition the frame), else
-   :data:`OFF_CORE`. Greedy class-aware NMS (``torchvision.ops.batched_nms``, IoU >= ``iou_threshold``)
+   :data:`OFF_CORE`. Greedy class-aware NMS (``torchvision.ops.batched_nms``, IoU > ``iou_threshold``)
    ranks by priority, then score, and keeps one box per object. An object no larger than the overlap
    has its centre in exactly one core, at least overlap/2 from that tile's interior edges, so that tile
    sees it whole. A kept off-core detection that a kept core detection of the same class covers
    (intersection over its area >= ``cover_ios``) is dropped too: it is the view of a cut object whose
    box stops short of the tile edge (detectors rarely end a cut box exactly at the edge), and the tile
-   owning that core sees the object whole.
+   owning that core sees the object whole. The box kept for an object carries the best score of the
+   whole detections it stands for (those it suppressed or covered): the core preference picks the
+   tile, not the confidence.
 3. **Partial detections** are dropped when a kept whole detection of the same class covers them
    (intersection over the partial's area >= ``cover_ios``). A partial that no whole detection covers
-   belongs to an object larger than the overlap: it is merged with the partials of the same class
-   across the seam (boxes that intersect and whose extents along either axis overlap by 1-D IoU >= 0.5)
-   into their union box, scored by the best piece.
+   belongs to an object larger than the overlap: it is merged with its pieces across the seam into
+   their union box, scored by the best piece. Two pieces join only when they come from neighbouring
+   tiles on opposite sides of one seam (left and right of a vertical seam in the same tile row, or
+   above and below a horizontal seam in the same tile column), each touching that seam's edge of its
+   tile, are of one class, intersect, and their extents *along the seam* overlap by 1-D IoU >= 0.5; or
+   when two tiles saw the same piece (IoU >= 0.5). Pieces of one tile are never joined, so two
+   adjacent objects cut by the same tile edge are never fused.
 
 So an object cut by a seam comes out as exactly one box covering the whole object: neither a
 duplicate nor a truncated box.
@@ -49,7 +55,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from geonet.boxes import box_ioa, connected_components, intersecting_pairs
+from geonet.boxes import box_ioa, connected_components, intersecting_pairs, pair_iou
 from geonet.tiling import TileGrid
 
 __all__ = ["SeamMerger", "Detections", "FINAL", "CORE", "OFF_CORE"]
@@ -88,31 +94,40 @@ class _Boxes:
         boxes: FloatTensor[N, 4] xyxy.
         scores: FloatTensor[N].
         labels: Int64Tensor[N].
-        partial: BoolTensor[N], touches an interior edge of its tile.
         core: BoolTensor[N], centre inside its tile's core.
+        edges: BoolTensor[N, 4], touches the left, top, right, bottom interior edge of its tile.
+        tile: Int64Tensor[N, 2], ``(row, col)`` of its tile.
     """
 
     boxes: Tensor
     scores: Tensor
     labels: Tensor
-    partial: Tensor
     core: Tensor
+    edges: Tensor
+    tile: Tensor
+
+    FIELDS = ("boxes", "scores", "labels", "core", "edges", "tile")
+
+    @property
+    def partial(self) -> Tensor:
+        """BoolTensor[N]: touches an interior edge of its tile."""
+        return self.edges.any(dim=1)
 
     @staticmethod
     def empty(device: torch.device) -> _Boxes:
         return _Boxes(torch.zeros((0, 4), device=device), torch.zeros(0, device=device),
                       torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.bool, device=device),
-                      torch.zeros(0, dtype=torch.bool, device=device))
+                      torch.zeros((0, 4), dtype=torch.bool, device=device),
+                      torch.zeros((0, 2), dtype=torch.int64, device=device))
 
     @staticmethod
     def cat(parts: Sequence[_Boxes], device: torch.device) -> _Boxes:
         if not parts:
             return _Boxes.empty(device)
-        return _Boxes(*(torch.cat([getattr(p, f) for p in parts]) for f in ("boxes", "scores", "labels", "partial",
-                                                                             "core")))
+        return _Boxes(*(torch.cat([getattr(p, f) for p in parts]) for f in _Boxes.FIELDS))
 
     def __getitem__(self, mask: Tensor) -> _Boxes:
-        return _Boxes(self.boxes[mask], self.scores[mask], self.labels[mask], self.partial[mask], self.core[mask])
+        return _Boxes(*(getattr(self, f)[mask] for f in _Boxes.FIELDS))
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -124,28 +139,34 @@ class _Boxes:
 
 @dataclass
 class _Pieces:
-    """Uncovered partial detections as CPU numpy arrays (``boxes [N, 4]``, ``scores [N]``, ``labels [N]``),
-    with, for pieces of later rows, ``owner[k] = (row, index among that row's partials)``."""
+    """Partial (or covering) detections as CPU numpy arrays: ``boxes [N, 4]``, ``scores [N]``, ``labels [N]``,
+    ``edges [N, 4]`` (interior tile edges touched: left, top, right, bottom), ``tile [N, 2]`` (row, col);
+    for pieces of later rows, ``owner[k] = (row, index among that row's partials)``."""
 
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+    edges: np.ndarray
+    tile: np.ndarray
     owner: list[tuple[int, int]] = field(default_factory=list)
+
+    ARRAYS = ("boxes", "scores", "labels", "edges", "tile")
 
     @staticmethod
     def of(b: _Boxes) -> _Pieces:
-        return _Pieces(b.boxes.cpu().numpy(), b.scores.cpu().numpy(), b.labels.cpu().numpy())
+        return _Pieces(*(getattr(b, f).cpu().numpy() for f in _Pieces.ARRAYS))
 
     def __getitem__(self, mask: np.ndarray) -> _Pieces:
         owner = [self.owner[k] for k in np.flatnonzero(mask)] if self.owner else []
-        return _Pieces(self.boxes[mask], self.scores[mask], self.labels[mask], owner)
+        return _Pieces(*(getattr(self, f)[mask] for f in _Pieces.ARRAYS), owner)
 
     @staticmethod
     def cat(parts: Sequence[_Pieces]) -> _Pieces:
         if not parts:
-            return _Pieces(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
-        return _Pieces(np.concatenate([p.boxes for p in parts]), np.concatenate([p.scores for p in parts]),
-                       np.concatenate([p.labels for p in parts]), [o for p in parts for o in p.owner])
+            return _Pieces(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
+                           np.zeros((0, 4), bool), np.zeros((0, 2), np.int64))
+        return _Pieces(*(np.concatenate([getattr(p, f) for p in parts]) for f in _Pieces.ARRAYS),
+                       [o for p in parts for o in p.owner])
 
 
 def _extent_iou(a0, a1, b0, b1):
@@ -193,16 +214,9 @@ class SeamMerger:
         ``scores [N]``, ``labels [N]`` (tensors or arrays, any device)."""
         g, m, dev = self.grid, self.edge_margin, self.device
         boxes = torch.as_tensor(boxes, dtype=torch.float32, device=dev).reshape(-1, 4)
-        left, top, right, bottom = g.interior_edges(r, c)
-        partial = torch.zeros(len(boxes), dtype=torch.bool, device=dev)
-        if left:
-            partial |= boxes[:, 0] <= m
-        if top:
-            partial |= boxes[:, 1] <= m
-        if right:
-            partial |= boxes[:, 2] >= g.tile - m
-        if bottom:
-            partial |= boxes[:, 3] >= g.tile - m
+        interior = torch.tensor(g.interior_edges(r, c), dtype=torch.bool, device=dev)  # left, top, right, bottom
+        edges = torch.stack([boxes[:, 0] <= m, boxes[:, 1] <= m, boxes[:, 2] >= g.tile - m,
+                             boxes[:, 3] >= g.tile - m], dim=1) & interior  # [N, 4]
         x0, y0 = g.xs[c], g.ys[r]
         frame = boxes + torch.tensor([x0, y0, x0, y0], dtype=torch.float32, device=dev)  # [N, 4]
         cx, cy = (frame[:, 0] + frame[:, 2]) / 2, (frame[:, 1] + frame[:, 3]) / 2
@@ -211,7 +225,8 @@ class SeamMerger:
         if len(boxes):
             self.rows.setdefault(r, []).append(_Boxes(
                 frame, torch.as_tensor(scores, dtype=torch.float32, device=dev).reshape(-1),
-                torch.as_tensor(labels, dtype=torch.int64, device=dev).reshape(-1), partial, core))
+                torch.as_tensor(labels, dtype=torch.int64, device=dev).reshape(-1), core, edges,
+                torch.tensor([[r, c]], dtype=torch.int64, device=dev).expand(len(boxes), 2)))
         self.done[r] = self.done.get(r, 0) + 1
         held = sum(len(b) for parts in self.rows.values() for b in parts) + sum(len(k) for k in self.kept.values())
         self.max_held = max(self.max_held, held)
@@ -290,26 +305,63 @@ class SeamMerger:
         source = torch.cat([torch.full((len(final),), -1, device=dev)]
                            + [torch.full((len(whole[k]),), k, device=dev) for k in [r] + after])
         keep = torch.zeros(len(cand), dtype=torch.bool, device=dev)
+        rank = priority * 2.0 + cand.scores
         if len(cand):
-            rank = priority * 2.0 + cand.scores
             keep[batched_nms(cand.boxes, rank, cand.labels, self.iou_threshold)] = True
+        best = self._absorb_suppressed(cand, keep, rank)
         # an off-core detection of row r covered by a kept core detection is the cut (or shifted) view
         # of an object whose owning tile sees it whole
         off = torch.nonzero(keep & ~cand.core & (source == r)).flatten()
         if len(off):
-            covered = ~self._uncovered(_Pieces.of(cand[off]), _Pieces.of(cand[keep & cand.core]))
-            keep[off[torch.as_tensor(covered, device=dev)]] = False
+            core_idx = torch.nonzero(keep & cand.core).flatten()
+            cover = self._covering(_Pieces.of(cand[off]), _Pieces.of(cand[core_idx]))
+            gone = torch.as_tensor(cover >= 0, device=dev)
+            keep[off[gone]] = False
+            target = core_idx[torch.as_tensor(cover[cover >= 0], device=dev)]
+            best.scatter_reduce_(0, target, best[off[gone]], reduce="amax")
+        cand.scores = best
         return cand[keep & (source == r)], cand[keep]
 
-    def _uncovered(self, pieces: _Pieces, covers: _Pieces) -> np.ndarray:
-        """Mask ``[N]`` of the pieces that no box of ``covers`` of the same class covers by ``cover_ios``."""
-        alive = np.ones(len(pieces.boxes), dtype=bool)
+    def _absorb_suppressed(self, cand: _Boxes, keep: Tensor, rank: Tensor) -> Tensor:
+        """Scores ``[N]`` of the candidates, where each kept box takes the best score of those it suppressed.
+
+        Greedy NMS suppresses a box by the best-ranked kept box of its class with IoU > ``iou_threshold``.
+        """
+        best = cand.scores.clone()
+        sup = torch.nonzero(~keep).flatten().cpu().numpy()
+        kept = torch.nonzero(keep).flatten().cpu().numpy()
+        boxes, labels, rk = cand.boxes.cpu(), cand.labels.cpu().numpy(), rank.cpu().numpy()
+        i, j = intersecting_pairs(boxes[sup].numpy(), boxes[kept].numpy())
+        si, kj = sup[i], kept[j]
+        hit = (pair_iou(boxes[si], boxes[kj]).numpy() > self.iou_threshold) & (labels[si] == labels[kj])
+        si, kj = si[hit], kj[hit]
+        order = np.argsort(-rk[kj], kind="stable")  # the best-ranked suppressor of each box first
+        si, kj = si[order], kj[order]
+        _, first = np.unique(si, return_index=True)
+        if len(first):
+            target = torch.as_tensor(kj[first], device=best.device)
+            best.scatter_reduce_(0, target, cand.scores[torch.as_tensor(si[first], device=best.device)],
+                                 reduce="amax")
+        return best
+
+    def _covering(self, pieces: _Pieces, covers: _Pieces) -> np.ndarray:
+        """For each piece, the index of the box of ``covers`` of the same class that covers the most of it
+        (intersection over the piece's area >= ``cover_ios``), or -1."""
+        out = np.full(len(pieces.boxes), -1, dtype=np.int64)
         i, j = intersecting_pairs(pieces.boxes, covers.boxes)
         if len(i):
             ioa = box_ioa(torch.as_tensor(pieces.boxes[i]), torch.as_tensor(covers.boxes[j])).numpy()
             hit = (pieces.labels[i] == covers.labels[j]) & (ioa >= self.cover_ios)
-            alive[np.unique(i[hit])] = False
-        return alive
+            i, j, ioa = i[hit], j[hit], ioa[hit]
+            order = np.lexsort((-ioa, i))  # per piece, the largest share first
+            i, j = i[order], j[order]
+            first = np.r_[True, i[1:] != i[:-1]] if len(i) else np.zeros(0, bool)
+            out[i[first]] = j[first]
+        return out
+
+    def _uncovered(self, pieces: _Pieces, covers: _Pieces) -> np.ndarray:
+        """Mask ``[N]`` of the pieces that no box of ``covers`` of the same class covers by ``cover_ios``."""
+        return self._covering(pieces, covers) < 0
 
     def _partials(self, r: int, after: list[int], rows: dict[int, _Boxes], covers: _Boxes) -> Detections:
         """Step 3: drop covered partials; union the rest of row ``r`` with their pieces in later rows."""
@@ -336,19 +388,26 @@ class SeamMerger:
     def _union_pieces(mine: _Pieces, later: _Pieces) -> tuple[Detections, list[tuple[int, int]]]:
         """Union boxes of the pieces of one object: ``mine`` (row r) plus ``later`` (rows across the seam).
 
-        Pieces of one class are linked when they intersect and their extents along either axis overlap
-        by 1-D IoU >= 0.5; each linked group holding a piece of row r becomes one box scored by its best
-        piece. Returns the boxes and the ``owner`` of each later piece used.
+        Pieces are linked across one seam only (module docstring, step 3); each linked group holding a
+        piece of row r becomes one box scored by its best piece. Returns the boxes and the ``owner`` of
+        each later piece used.
         """
         allp = _Pieces.cat([mine, later])
         b, n_mine = allp.boxes, len(mine.boxes)
         i, j = intersecting_pairs(b, b)
-        link = (i < j) & (allp.labels[i] == allp.labels[j])
-        i, j = i[link], j[link]
-        seam = np.maximum(_extent_iou(b[i, 0], b[i, 2], b[j, 0], b[j, 2]),
-                          _extent_iou(b[i, 1], b[i, 3], b[j, 1], b[j, 3])) >= 0.5
+        (ri, ci), (rj, cj) = allp.tile[i].T, allp.tile[j].T
+        same = allp.labels[i] == allp.labels[j]
+        # i left of j across a vertical seam (same tile row): compare extents along the seam (y)
+        across_v = (ri == rj) & (cj == ci + 1) & allp.edges[i, 2] & allp.edges[j, 0] & \
+            (_extent_iou(b[i, 1], b[i, 3], b[j, 1], b[j, 3]) >= 0.5)
+        # i above j across a horizontal seam (same tile column): compare extents along the seam (x)
+        across_h = (ci == cj) & (rj > ri) & allp.edges[i, 3] & allp.edges[j, 1] & \
+            (_extent_iou(b[i, 0], b[i, 2], b[j, 0], b[j, 2]) >= 0.5)
+        # the same piece seen by two tiles (e.g. tile rows overlapping along a vertical seam)
+        twice = ((ri != rj) | (ci != cj)) & (pair_iou(torch.as_tensor(b[i]), torch.as_tensor(b[j])).numpy() >= 0.5)
+        link = same & (across_v | across_h | twice)
         groups: dict[int, list[int]] = {}
-        for k, g in enumerate(connected_components(len(b), i[seam], j[seam]).tolist()):
+        for k, g in enumerate(connected_components(len(b), i[link], j[link]).tolist()):
             groups.setdefault(g, []).append(k)
         out_b, out_s, out_l, used = [], [], [], []
         for members in groups.values():

@@ -23,8 +23,18 @@ the classification layer. All of it is torchvision's implementation
   region and match no object are excluded from the classification loss (``matched = -2``, the
   matcher's "between thresholds" value).
 
-Class ids are ``1..K``; id 0 is background and never a target (torchvision's convention), so the
-classification head has ``K + 1`` outputs.
+Class ids are ``1..K`` (0 is background). As in the paper, the classification subnet has ``K`` sigmoid
+outputs per anchor, output ``k`` for class ``k + 1``, so no detection can carry the background id
+(torchvision's RetinaNet has ``K + 1`` and can label a box 0). Checkpoints of format 1 and 2 had the
+``K + 1`` layer; :mod:`geonet.checkpoint` drops its background column on loading.
+
+**Anchors** are generated in fp32 whatever the autocast dtype (torchvision's generator takes the
+dtype of the feature maps: under bf16 autocast its anchors were off by up to 4 px on a 1024 px input
+and 13 % of the positive anchor assignments on a 512 px chip changed), once per input shape
+(:class:`GeoAnchorGenerator`). Box decoding and NMS run in fp32.
+
+**Pyramid.** Five anchor sizes use P3-P7 (strides 8-128); six use P2-P7, adding a stride-4 level for
+objects under ~16 px (vehicles, small crowns), at the cost of the extra level's compute.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from torchvision.models.detection.retinanet import (
     _sum,
 )
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import batched_nms
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -74,7 +85,8 @@ class ModelConfig:
         backbone: a key of :data:`BACKBONES`.
         num_classes: object classes K (background excluded).
         in_channels: input bands.
-        anchor_sizes: base anchor side in pixels per pyramid level P3..P7.
+        anchor_sizes: base anchor side in pixels per pyramid level: 5 values for P3..P7, or 6 for
+            P2..P7 (a stride-4 level for small objects).
         anchor_scales: multipliers of the base size at each level (octave scales).
         anchor_ratios: aspect ratios height / width.
         focal_alpha, focal_gamma: focal loss parameters.
@@ -114,9 +126,9 @@ class ModelConfig:
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
             raise InputError(f"--backbone {self.backbone!r} is unknown.", fix=f"choose one of {', '.join(BACKBONES)}.")
-        if len(self.anchor_sizes) != 5:
-            raise InputError(f"--anchor-sizes needs 5 values (P3..P7), got {len(self.anchor_sizes)}.",
-                             fix="e.g. --anchor-sizes 32,64,128,256,512.")
+        if len(self.anchor_sizes) not in (5, 6):
+            raise InputError(f"--anchor-sizes needs 5 values (P3..P7) or 6 (P2..P7), got {len(self.anchor_sizes)}.",
+                             fix="e.g. --anchor-sizes 32,64,128,256,512, or 8,16,32,64,128,256 with P2.")
         for name in ("anchor_sizes", "anchor_scales", "anchor_ratios"):
             vals = getattr(self, name)
             if not vals or min(vals) <= 0:
@@ -134,6 +146,11 @@ class ModelConfig:
         for k in ("anchor_sizes", "anchor_scales", "anchor_ratios"):
             d[k] = [float(v) for v in d[k]]
         return d
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Strides of the pyramid levels the anchors sit on (P3..P7, or P2..P7)."""
+        return (4, 8, 16, 32, 64, 128)[6 - len(self.anchor_sizes):]
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -211,11 +228,37 @@ def adapt_first_conv(weight: Tensor, in_channels: int) -> Tensor:
     return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (weight.shape[1] / float(in_channels))
 
 
-def anchor_generator(cfg: ModelConfig) -> AnchorGenerator:
-    """torchvision AnchorGenerator with ``len(scales) * len(ratios)`` anchors per location and level."""
+class GeoAnchorGenerator(AnchorGenerator):
+    """torchvision's AnchorGenerator (same layout: centres at multiples of the stride, base anchors rounded
+    to whole pixels), always in fp32 and cached per input shape and device (module docstring)."""
+
+    def __init__(self, sizes, aspect_ratios):
+        super().__init__(sizes, aspect_ratios)
+        self._cache: dict[tuple, Tensor] = {}
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        """``B x [sum_l H_l * W_l * A, 4]`` anchors (xyxy, pixels of the padded batch), one per image."""
+        grid_sizes = [tuple(int(v) for v in f.shape[-2:]) for f in feature_maps]
+        image_size = tuple(int(v) for v in image_list.tensors.shape[-2:])
+        device = feature_maps[0].device
+        key = (image_size, tuple(grid_sizes), str(device))
+        anchors = self._cache.get(key)
+        if anchors is None:
+            strides = [[torch.tensor(image_size[0] // g[0], dtype=torch.int64, device=device),
+                        torch.tensor(image_size[1] // g[1], dtype=torch.int64, device=device)] for g in grid_sizes]
+            self.set_cell_anchors(torch.float32, device)
+            anchors = torch.cat(self.grid_anchors([list(g) for g in grid_sizes], strides)).float()
+            if len(self._cache) >= 32:  # training on windows of many sizes
+                self._cache.clear()
+            self._cache[key] = anchors
+        return [anchors] * len(image_list.image_sizes)
+
+
+def anchor_generator(cfg: ModelConfig) -> GeoAnchorGenerator:
+    """The anchors of ``cfg``: ``len(scales) * len(ratios)`` per location and level."""
     sizes = tuple(tuple(float(s) * float(k) for k in cfg.anchor_scales) for s in cfg.anchor_sizes)
     ratios = (tuple(float(r) for r in cfg.anchor_ratios),) * len(sizes)
-    return AnchorGenerator(sizes, ratios)
+    return GeoAnchorGenerator(sizes, ratios)
 
 
 class GeoTransform(GeneralizedRCNNTransform):
@@ -275,12 +318,12 @@ class GeoClassificationHead(RetinaNetClassificationHead):
     def compute_loss(self, targets, head_outputs, matched_idxs):
         losses = []
         num_foreground = 0
-        cls_logits = head_outputs["cls_logits"]  # [B, A, K + 1]
+        cls_logits = head_outputs["cls_logits"]  # [B, A, K]
         for targets_per_image, cls_logits_per_image, matched_idxs_per_image in zip(targets, cls_logits, matched_idxs):
             foreground = matched_idxs_per_image >= 0  # [A]
             num_foreground += int(foreground.sum())
-            gt_classes_target = torch.zeros_like(cls_logits_per_image)  # [A, K + 1]
-            gt_classes_target[foreground, targets_per_image["labels"][matched_idxs_per_image[foreground]]] = 1.0
+            gt_classes_target = torch.zeros_like(cls_logits_per_image)  # [A, K]; output k is class k + 1
+            gt_classes_target[foreground, targets_per_image["labels"][matched_idxs_per_image[foreground]] - 1] = 1.0
             valid = matched_idxs_per_image != self.BETWEEN_THRESHOLDS
             losses.append(sigmoid_focal_loss(cls_logits_per_image[valid], gt_classes_target[valid], alpha=self.alpha,
                                              gamma=self.gamma, reduction="sum"))
@@ -333,6 +376,54 @@ class GeoRetinaNet(RetinaNet):
             matched_idxs.append(m)
         return self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
 
+    def postprocess_detections(self, head_outputs, anchors, image_shapes):
+        """Detections of a batch in one pass over the images (torchvision loops per image and level).
+
+        Per level, the ``topk_candidates`` best (anchor, class) scores of every image; scores above
+        ``score_thresh`` are decoded in fp32 and clipped to their image; one ``batched_nms`` keyed by
+        image and class; at most ``detections_per_img`` per image, best first.
+
+        Args:
+            head_outputs: ``cls_logits`` and ``bbox_regression``: per level, ``[B, HWA_l, K]`` and
+                ``[B, HWA_l, 4]``.
+            anchors: per image, per level ``[HWA_l, 4]`` (equal for every image of a batch).
+            image_shapes: ``(h, w)`` of each image before padding.
+
+        Returns:
+            One dict per image: ``boxes`` FloatTensor[N, 4] (xyxy), ``scores`` FloatTensor[N], ``labels``
+            Int64Tensor[N] in ``1..K``.
+        """
+        cls_levels, reg_levels = head_outputs["cls_logits"], head_outputs["bbox_regression"]
+        n_img = len(image_shapes)
+        device = cls_levels[0].device
+        boxes, scores, labels = [], [], []
+        for logits, reg, anc in zip(cls_levels, reg_levels, anchors[0]):
+            k_cls = logits.shape[-1]
+            s = torch.sigmoid(logits.float()).flatten(1)  # [B, HWA_l * K]
+            top_s, top_i = s.topk(min(self.topk_candidates, s.shape[1]), dim=1)  # [B, k]
+            a_idx = torch.div(top_i, k_cls, rounding_mode="floor")  # [B, k]
+            r = torch.gather(reg.float(), 1, a_idx[..., None].expand(-1, -1, 4))  # [B, k, 4]
+            b = self.box_coder.decode_single(r.reshape(-1, 4), anc.float()[a_idx.reshape(-1)])  # [B * k, 4]
+            boxes.append(b.reshape(n_img, -1, 4))
+            scores.append(top_s)
+            labels.append(top_i % k_cls + 1)
+        boxes, scores, labels = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1)  # [B, M, ...]
+        limit = torch.tensor([[w, h, w, h] for h, w in image_shapes], dtype=torch.float32, device=device)  # [B, 4]
+        boxes = torch.minimum(boxes.clamp(min=0), limit[:, None, :])  # clipped to each image
+        img, m = torch.nonzero(scores > self.score_thresh, as_tuple=True)
+        b, s, lab = boxes[img, m], scores[img, m], labels[img, m]
+        keep = batched_nms(b, s, img * (k_cls + 1) + lab, self.nms_thresh)  # by image and class; best first
+        img_k = img[keep]
+        order = torch.sort(img_k, stable=True).indices  # group by image, best first within each
+        keep, img_k = keep[order], img_k[order]
+        counts = torch.bincount(img_k, minlength=n_img)
+        start = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(keep), device=device) - start[img_k]
+        keep = keep[rank < self.detections_per_img]
+        per_image = torch.bincount(img[keep], minlength=n_img).tolist()
+        return [{"boxes": bb, "scores": ss, "labels": ll} for bb, ss, ll in
+                zip(b[keep].split(per_image), s[keep].split(per_image), lab[keep].split(per_image))]
+
     @torch.inference_mode()
     def predict_batch(self, batch: Tensor, *, autocast: torch.dtype | None = None) -> list[dict[str, Tensor]]:
         """Detect on a batch of equally sized tiles (the eval half of ``forward``, without its per-image copies).
@@ -340,7 +431,7 @@ class GeoRetinaNet(RetinaNet):
         Args:
             batch: ``[B, C, H, W]`` raw band values, any dtype, on the model's device.
             autocast: run the backbone and heads under ``torch.autocast`` with this dtype (bf16, fp16);
-                box decoding and NMS stay in fp32.
+                anchors, box decoding and NMS stay in fp32.
 
         Returns:
             One dict per tile: ``boxes`` FloatTensor[N, 4] (xyxy, tile pixels), ``scores`` FloatTensor[N],
@@ -349,11 +440,10 @@ class GeoRetinaNet(RetinaNet):
         h, w = batch.shape[-2:]
         x = self.transform.batch(batch)  # [B, C, H', W'] normalised, padded
         with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            features = list(self.backbone(x).values())  # P3..P7, each [B, 256, h_l, w_l]
-            head = self.head(features)  # cls_logits [B, HWA, K + 1], bbox_regression [B, HWA, 4]
-        head = {k: v.float() for k, v in head.items()}
+            features = list(self.backbone(x).values())  # P3..P7 (or P2..P7), each [B, 256, h_l, w_l]
+            head = self.head(features)  # cls_logits [B, HWA, K], bbox_regression [B, HWA, 4]
         images = ImageList(x, [(h, w)] * x.shape[0])
-        anchors = self.anchor_generator(images, features)  # B x [HWA, 4]
+        anchors = self.anchor_generator(images, features)  # B x [HWA, 4], fp32
         per_level = [f.size(2) * f.size(3) for f in features]
         a = head["cls_logits"].size(1) // sum(per_level)
         per_level = [n * a for n in per_level]
@@ -416,8 +506,9 @@ def _body(cfg: ModelConfig, weights: str) -> tuple[nn.Module, bool]:
     return body, pretrained
 
 
-def _mobilenet_fpn(body: nn.Module, trainable_layers: int, extra_from_c5: bool) -> BackboneWithFPN:
-    """MobileNet + FPN with outputs at strides 8, 16, 32 (C3, C4, C5), then P6, P7.
+def _mobilenet_fpn(body: nn.Module, trainable_layers: int, extra_from_c5: bool, *, p2: bool = False
+                   ) -> BackboneWithFPN:
+    """MobileNet + FPN with outputs at strides 8, 16, 32 (C3, C4, C5; with ``p2`` also 4, C2), then P6, P7.
 
     torchvision's own mobilenet FPN returns two stride-32 maps (for SSDlite / Faster R-CNN); RetinaNet
     needs P3-P5, so each C_k here is the *last* block of its stride.
@@ -425,8 +516,7 @@ def _mobilenet_fpn(body: nn.Module, trainable_layers: int, extra_from_c5: bool) 
     features = body.features
     stage_starts = [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)]  # strided blocks
     c5 = len(features) - 1
-    c4 = stage_starts[-1] - 1
-    c3 = stage_starts[-2] - 1
+    levels = [stage_starts[-k] - 1 for k in ((3, 2, 1) if p2 else (2, 1))] + [c5]  # C2?, C3, C4, C5
     stage_indices = [0] + stage_starts + [c5]
     freeze_before = len(features) if trainable_layers == 0 else \
         stage_indices[max(0, len(stage_indices) - trainable_layers)]
@@ -434,9 +524,10 @@ def _mobilenet_fpn(body: nn.Module, trainable_layers: int, extra_from_c5: bool) 
         for b in features[:freeze_before]:
             for p in b.parameters():
                 p.requires_grad_(False)
-    channels = [features[i].out_channels for i in (c3, c4, c5)]
+    channels = [features[i].out_channels for i in levels]
     extra = LastLevelP6P7(channels[-1] if extra_from_c5 else 256, 256)
-    return BackboneWithFPN(features, {str(c3): "0", str(c4): "1", str(c5): "2"}, channels, 256, extra_blocks=extra)
+    return BackboneWithFPN(features, {str(c): str(k) for k, c in enumerate(levels)}, channels, 256,
+                           extra_blocks=extra)
 
 
 def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
@@ -472,23 +563,24 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
     pretrained = pretrained or weights == "coco"
     spec = BACKBONES[cfg.backbone]
     layers = cfg.trainable_layers
+    p2 = len(cfg.anchor_sizes) == 6
     if cfg.in_channels != 3 and layers < 5:
         layers = 5  # the adapted first conv must learn
     if spec.family == "resnet":
         c5 = body.fc.in_features
         extra = LastLevelP6P7(c5 if cfg.p6_from == "c5" else 256, 256)
-        backbone = _resnet_fpn_extractor(body, layers, returned_layers=[2, 3, 4], extra_blocks=extra)
+        returned = [1, 2, 3, 4] if p2 else [2, 3, 4]
+        backbone = _resnet_fpn_extractor(body, layers, returned_layers=returned, extra_blocks=extra)
     else:
-        backbone = _mobilenet_fpn(body, layers, cfg.p6_from == "c5")
+        backbone = _mobilenet_fpn(body, layers, cfg.p6_from == "c5", p2=p2)
     anchors = anchor_generator(cfg)
     num_anchors = anchors.num_anchors_per_location()[0]
-    head_cls = GeoClassificationHead(256, num_anchors, cfg.num_classes + 1, alpha=cfg.focal_alpha,
-                                     gamma=cfg.focal_gamma)
-    head = RetinaNetHead(256, num_anchors, cfg.num_classes + 1)
+    head_cls = GeoClassificationHead(256, num_anchors, cfg.num_classes, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+    head = RetinaNetHead(256, num_anchors, cfg.num_classes)
     # same layers and initialisation as torchvision's (prior pi = 0.01), batch-normalised losses
     head.classification_head = head_cls
     head.regression_head = GeoRegressionHead(256, num_anchors)
-    model = GeoRetinaNet(backbone, cfg.num_classes + 1, anchor_generator=anchors, head=head,
+    model = GeoRetinaNet(backbone, cfg.num_classes, anchor_generator=anchors, head=head,
                          score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_iou,
                          detections_per_img=cfg.detections_per_img, fg_iou_thresh=cfg.fg_iou,
                          bg_iou_thresh=cfg.bg_iou, topk_candidates=cfg.topk_candidates)

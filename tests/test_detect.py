@@ -302,4 +302,13 @@ def test_default_score_threshold_is_the_validation_operating_point(tmp_path):
     assert det.model.score_thresh == pytest.approx(0.37) and "max F1" in det.score_source
     given = Detector(ck, score_thresh=0.05)
     assert given.model.score_thresh == pytest.approx(0.05) and given.score_source == "given"
+    assert det.nms_iou == pytest.approx(0.5)  # no NMS IoU chosen in this checkpoint: the model's
+
+
+def test_default_nms_iou_is_the_validation_choice(tmp_path):
+    op = {"operating_point": {"iou": 0.5, "score_thresh": 0.3, "precision": 0.6, "recall": 0.5, "f1": 0.55,
+                              "nms_iou": 0.3}}
+    ck = make_ckpt(tmp_path / "b.pt", metrics=op)
+    assert Detector(ck).model.nms_thresh == pytest.approx(0.3)
+    assert Detector(ck, nms_iou=0.6).nms_iou == pytest.approx(0.6)
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torchvision.ops import batched_nms
 
+from geonet.merge import SeamMerger
 from geonet.tiling import TileGrid
 from seams import count_errors, oracle_tiles, seam_objects, stream_merge
 
@@ -89,3 +90,39 @@ def test_class_aware():
     b = np.array([[10.0, 10, 50, 50], [11, 11, 51, 51]])
     boxes, _ = stream_merge(grid, {(0, 0): (b, np.array([0.9, 0.8]), np.array([1, 2]))})
     assert len(boxes) == 2
+
+
+def test_two_adjacent_objects_cut_by_one_edge_stay_two():
+    """Two touching objects, both wider than the overlap, cut by the same seam: two boxes, never one."""
+    grid = TileGrid.build(500, 256, 256, 32)  # tiles at x 0 and 244; overlap 12 px... (shifted inward)
+    objs = np.array([[180.0, 100.0, 320.0, 140.0], [180.0, 140.0, 320.0, 180.0]])  # A on top of B, touching
+    boxes, _ = stream_merge(grid, oracle_tiles(grid, objs, np.random.default_rng(0)))
+    assert len(boxes) == 2
+    assert sorted(map(tuple, np.round(boxes, 3))) == sorted(map(tuple, objs))
+
+
+def test_kept_box_carries_the_best_score_of_its_object():
+    """The core tile's weak view is kept (core preference), but with the strong view's score."""
+    grid = TileGrid.build(400, 256, 256, 112)  # tiles at x 0 and 144; cores split at x 200
+    obj = np.array([150.0, 100.0, 190.0, 140.0])  # centre x 170: tile 0's core; both tiles see it whole
+    tiles = {(0, 0): (obj[None], np.array([0.06]), np.array([1])),
+             (0, 1): ((obj - [144, 0, 144, 0])[None], np.array([0.90]), np.array([1]))}
+    m = SeamMerger(grid)
+    for rc in ((0, 0), (0, 1)):
+        m.add(*rc, *tiles[rc])
+    out = m.finish()
+    assert len(out) == 1 and np.allclose(out.boxes[0], obj) and out.scores[0] == pytest.approx(0.90)
+
+
+def test_off_core_view_covered_by_the_core_view_passes_its_score():
+    """A cut view stopping short of the edge (off-core, covered) is dropped; its score moves to the kept box."""
+    grid = TileGrid.build(400, 256, 256, 112)
+    obj = np.array([150.0, 100.0, 196.0, 140.0])  # centre x 173: tile 0's core
+    cut = np.array([0.0 + 8, 100.0, 52.0, 140.0])  # tile 1's view, starting 8 px in from the left edge (off-core)
+    tiles = {(0, 0): (obj[None], np.array([0.3]), np.array([1])),
+             (0, 1): (cut[None], np.array([0.8]), np.array([1]))}
+    m = SeamMerger(grid, iou_threshold=0.9)  # no NMS between them: only the cover rule acts
+    for rc in ((0, 0), (0, 1)):
+        m.add(*rc, *tiles[rc])
+    out = m.finish()
+    assert len(out) == 1 and np.allclose(out.boxes[0], obj) and out.scores[0] == pytest.approx(0.8)

@@ -55,7 +55,7 @@ def test_adapt_first_conv():
 
 
 def test_bad_config_errors():
-    with pytest.raises(InputError, match="--anchor-sizes needs 5"):
+    with pytest.raises(InputError, match="--anchor-sizes needs 5 values .P3..P7. or 6"):
         build_model(ModelConfig(anchor_sizes=(32, 64)))
     with pytest.raises(InputError, match="--backbone"):
         build_model(ModelConfig(backbone="vgg"))
@@ -120,3 +120,80 @@ def check_against_torchvision(boxes, cfg, image_size):
     feats = [torch.zeros(1, 1, -(-h // s), -(-w // s)) for s in STRIDES]
     anchors = gen(ImageList(torch.zeros(1, 3, h, w), [(h, w)]), feats)[0]
     return box_iou(torch.as_tensor(boxes, dtype=torch.float32), anchors).max(dim=1).values.double().numpy()
+
+
+def test_p2_level_for_small_objects():
+    """Six anchor sizes add a stride-4 level (P2..P7), for ResNet and MobileNet."""
+    for backbone in ("resnet18", "mobilenet_v2"):
+        cfg = ModelConfig(backbone=backbone, anchor_sizes=(8, 16, 32, 64, 128, 256))
+        m = build_model(cfg).eval()
+        feats = m.backbone(torch.zeros(1, 3, 128, 128))
+        assert [tuple(f.shape[-2:]) for f in feats.values()] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+        assert cfg.strides == (4, 8, 16, 32, 64, 128)
+        out = m.predict_batch(torch.zeros(2, 3, 128, 128))
+        assert len(out) == 2
+
+
+def test_anchors_are_fp32_under_autocast():
+    """torchvision's generator takes the feature maps' dtype: bf16 anchors are off by pixels at 1024 px."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    from geonet.model import anchor_generator
+
+    cfg = ModelConfig()
+    images = ImageList(torch.zeros(1, 3, 1024, 1024), [(1024, 1024)])
+    feats32 = [torch.zeros(1, 256, 1024 // s, 1024 // s) for s in cfg.strides]
+    feats16 = [f.bfloat16() for f in feats32]
+    ref = anchor_generator(cfg)(images, feats32)[0]
+    ours = anchor_generator(cfg)(images, feats16)[0]
+    assert ours.dtype == torch.float32 and torch.equal(ours, ref)
+    tv = AnchorGenerator(anchor_generator(cfg).sizes, anchor_generator(cfg).aspect_ratios)(images, feats16)[0]
+    assert (tv.float() - ref).abs().max() >= 1.0  # the bug this guards against
+
+
+def test_batched_postprocess_matches_torchvision_and_never_labels_background():
+    """One batched pass gives torchvision's per-image detections; labels are 1..K, never 0."""
+    from torchvision.models.detection.retinanet import RetinaNet
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet18", num_classes=3, score_thresh=0.3, nms_iou=0.5)
+    m = build_model(cfg).eval()
+    n_img, k, per_level = 3, 3, [64 * 9, 16 * 9, 4 * 9]
+    logits = [torch.randn(n_img, n, k) * 2 for n in per_level]
+    reg = [torch.randn(n_img, n, 4) * 0.3 for n in per_level]
+    anchors = [[torch.rand(n, 2) * 100 for n in per_level]]
+    anchors = [[torch.cat([a, a + 8 + torch.rand(len(a), 2) * 40], 1) for a in anchors[0]]] * n_img
+    shapes = [(120, 128)] * n_img
+    ours = m.postprocess_detections({"cls_logits": logits, "bbox_regression": reg}, anchors, shapes)
+    # torchvision with a background column that never fires: labels 1..K as ours
+    bg = [torch.cat([torch.full((n_img, n, 1), -1e4), lg], 2) for n, lg in zip(per_level, logits)]
+    tv = RetinaNet.postprocess_detections(m, {"cls_logits": bg, "bbox_regression": reg}, anchors, shapes)
+    for a, b in zip(ours, tv):
+        assert a["labels"].min() >= 1 and a["labels"].max() <= k
+        assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4)
+        assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["scores"], b["scores"])
+
+
+def test_old_checkpoints_with_a_background_output_load(tmp_path):
+    """Format 1-2 checkpoints had K + 1 outputs per anchor (output 0: background); loading drops it."""
+    from geonet.checkpoint import CheckpointHeader, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet18", num_classes=2)
+    m = build_model(cfg).eval()
+    p = tmp_path / "v2.pt"
+    save_checkpoint(p, m, CheckpointHeader(model_config=cfg, classes=["a", "b"]))
+    ck = torch.load(p, weights_only=True)
+    key = "head.classification_head.cls_logits"
+    w, b = ck["state_dict"][f"{key}.weight"], ck["state_dict"][f"{key}.bias"]
+    a = w.shape[0] // 2
+    ck["state_dict"][f"{key}.weight"] = torch.cat([torch.randn(a, 1, *w.shape[1:]), w.view(a, 2, *w.shape[1:])],
+                                                  1).reshape(a * 3, *w.shape[1:])
+    ck["state_dict"][f"{key}.bias"] = torch.cat([torch.randn(a, 1), b.view(a, 2)], 1).reshape(-1)
+    ck["format_version"] = 2
+    torch.save(ck, p)
+    old, header = load_checkpoint(p)
+    assert header.format_version == 2
+    for k_, v in m.state_dict().items():
+        assert torch.equal(v, old.state_dict()[k_]), k_

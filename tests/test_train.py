@@ -16,7 +16,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from geonet.checkpoint import load_checkpoint, read_checkpoint
+from geonet.checkpoint import FORMAT_VERSION, load_checkpoint, read_checkpoint
 from geonet.cli.main import cli
 from geonet.errors import InputError
 from geonet.training import NonFiniteLoss, TrainConfig, TrainingInterrupted, prepare_data, train
@@ -63,7 +63,7 @@ def test_run_folder_and_self_describing_checkpoint(scenes):
         assert (run / f).exists(), f
     assert list((run / "tb").glob("events.*"))
     ck = header(run / "best.pt")
-    assert ck.format_version == 2 and ck.geonet_version and ck.train_config and ck.metrics and ck.box_stats
+    assert ck.format_version == FORMAT_VERSION and ck.geonet_version and ck.train_config and ck.metrics and ck.box_stats
     assert ck.classes == ["labels"] and ck.bands == [1, 2, 3] and ck.dtype == "uint8"
     assert ck.gsd == pytest.approx([0.1, 0.1], rel=1e-3) and ck.chip_size == 64
     assert ck.box_stats_m["side"][-1] == pytest.approx(ck.box_stats["side"][-1] * 0.1, rel=1e-2)
@@ -341,3 +341,51 @@ def test_val_area_is_the_ground_of_the_val_split(scenes):
         centre = to_crs(np.array([info.footprint().centroid], dtype=object), info.crs, "EPSG:4326")[0]
         assert shapely.contains(area, centre) == (Path(r).name in val_sources)
 
+
+
+def test_fitted_anchors_cover_rotated_boxes():
+    """Tall boxes (h/w 3-4.5) turn wide under the 90-degree rotations: the fitted ratios must cover both."""
+    from geonet.anchors import anchor_coverage
+    from geonet.model import ModelConfig
+    from geonet.training.data import TrainData
+    from geonet.training.run import model_config_for
+
+    rng = np.random.default_rng(0)
+    w = rng.uniform(8, 14, 200)
+    h = w * rng.uniform(3, 4.5, 200)
+    xy = rng.uniform(0, 300, (200, 2))
+    boxes = np.column_stack([xy, xy + np.column_stack([w, h])])
+    data = TrainData(train=None, val=None, classes=["a"], in_channels=3, bands=[1, 2, 3], dtype="uint8", nodata=None,
+                     gsd=None, chip_size=512, val_gt=None, n_train_boxes=200, n_degenerate=0, box_stats={},
+                     train_boxes=boxes)
+    cfg = TrainConfig.from_options({"fit_anchors": True})
+    mc = model_config_for(cfg, data, [0, 0, 0], [1, 1, 1])
+    rotated = boxes[:, [1, 0, 3, 2]]
+    cov_up, _ = anchor_coverage(boxes, mc, (512, 512))
+    cov_rot, _ = anchor_coverage(rotated, mc, (512, 512))
+    assert min(mc.anchor_ratios) < 1 < max(mc.anchor_ratios)
+    assert cov_up > 0.6 and cov_rot > 0.6, (mc.anchor_ratios, cov_up, cov_rot)
+
+
+def test_validation_ignore_regions_keep_their_class(tmp_path):
+    """A class-2 detection on a class-2 ignore region is ignored, not a false positive (class-2 AP50 1.0)."""
+    from geonet.datasets import ChipDataset
+    from geonet.metrics import coco_metrics
+    from geonet.training.data import gt_coco
+
+    write_raster(tmp_path / "a.tif", paint(np.zeros((0, 4)), 64, 64))
+    coco = {"images": [{"id": 1, "file_name": "a.tif", "width": 64, "height": 64}],
+            "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "truck"}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "iscrowd": 0},
+                {"id": 2, "image_id": 1, "category_id": 2, "bbox": [30, 30, 12, 12], "iscrowd": 0},
+                {"id": 3, "image_id": 1, "category_id": 2, "bbox": [50, 2, 14, 8], "iscrowd": 1}]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    ds = ChipDataset(tmp_path / "ann.json")
+    gt = gt_coco(ds, ds.classes)
+    assert [a["category_id"] for a in gt["annotations"] if a["iscrowd"]] == [2]
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "score": 0.9},
+            {"image_id": 1, "category_id": 2, "bbox": [30, 30, 12, 12], "score": 0.8},
+            {"image_id": 1, "category_id": 2, "bbox": [50, 2, 14, 8], "score": 0.95}]  # on the truck ignore region
+    m = coco_metrics(gt, dets)
+    assert m["per_class"]["truck"]["AP50"] == pytest.approx(1.0)

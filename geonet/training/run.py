@@ -103,13 +103,17 @@ def check_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
 
 def model_config_for(cfg: TrainConfig, data: TrainData, mean: Sequence[float], std: Sequence[float]) -> ModelConfig:
     """The model configuration of a new run: the configured model with what the data decide (classes,
-    bands, normalisation) and, with ``fit_anchors``, anchors fitted to the training boxes."""
+    bands, normalisation) and, with ``fit_anchors``, anchors fitted to the training boxes (and to their
+    transposes when the augmentation rotates by 90 degrees)."""
     mc = ModelConfig.from_dict({**cfg.model.to_dict(), "num_classes": len(data.classes),
                                 "in_channels": data.in_channels, "mean": list(mean), "std": list(std)})
     if cfg.fit_anchors:
         from geonet.anchors import fit_anchors
 
-        fit = fit_anchors(data.train_boxes, (data.chip_size, data.chip_size), base=mc)
+        boxes = data.train_boxes
+        if cfg.augment:  # 90-degree rotations show every box transposed as well
+            boxes = np.concatenate([boxes, boxes[:, [1, 0, 3, 2]]])
+        fit = fit_anchors(boxes, (data.chip_size, data.chip_size), base=mc)
         log.info("anchors fitted: coverage %.3f -> %.3f (%s)", fit.default_coverage, fit.coverage, fit.as_flags())
         mc.anchor_sizes, mc.anchor_ratios = tuple(fit.sizes), tuple(fit.ratios)
     return mc
