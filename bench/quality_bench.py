@@ -42,11 +42,25 @@ NEON = SHARED / "neon-trees"
 SITES = ("SJER", "OSBS", "HARV")
 WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
 
-#: Recipes: extra flags of ``geonet train``. ``default`` is what a user gets with no flags.
+#: ``--weights auto`` cannot download here (no internet): every row that would use it passes the same ImageNet
+#: MobileNetV2 backbone weights from ../shared/weights instead.
+W = f"--weights {WEIGHTS}"
+
+#: Recipes: extra flags of ``geonet train``. ``default`` is what a user gets with no flags (plus ``W`` offline);
+#: every other row changes one thing against it (an ablation), except ``today``.
 RECIPES: dict[str, str] = {
-    "default": "",
-    # the recipe the README suggested before issue 10 (and its measurements)
-    "today": f"--backbone mobilenet_v2 --weights {WEIGHTS} --fit-anchors --size 400 --amp bf16 --epochs 40",
+    "default": W,
+    # the recipe the README suggested before issue 10 (geonet 0.1: epochs, light augmentation, 40 epochs)
+    "today": f"{W} --fit-anchors --size 400 --amp bf16 --epochs 40 --augment light",
+    "light-augment": f"{W} --augment light",
+    "no-fit-anchors": f"{W} --no-fit-anchors",
+    "steps-500": f"{W} --steps 500",
+    "steps-2000": f"{W} --steps 2000",
+    "lr-3e-4": f"{W} --lr 3e-4",
+    "lr-1e-3": f"{W} --lr 1e-3",
+    "batch-2": f"{W} --batch-size 2",
+    "trainable-5": f"{W} --trainable-layers 5",
+    "fp32": f"{W} --amp 32",
 }
 
 

@@ -28,7 +28,8 @@ D = DetectConfig(model="")
 @click.option("--workers", type=int, default=None, help="Reader processes [default: half the cores, at most 4].")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default=None, show_default=D.device)
 @click.option("--amp", type=click.Choice(AMP_CHOICES), default=None, show_default=D.amp,
-              help="Compute precision. auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is ~1.9x faster on CPU).")
+              help="Compute precision. auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "
+                   "else fp32.")
 @click.option("--score-thresh", type=float, default=None, help="Minimum score [default: the checkpoint's].")
 @click.option("--nms-iou", type=float, default=None,
               help="IoU of the NMS inside tiles [default: the checkpoint's, chosen on the validation set].")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import click
 
-from geonet.chip import ChipConfig
+from geonet.chip import DEFAULT_SIZE, ChipConfig
 from geonet.errors import InputError
 from geonet.raster import parse_bands
 
@@ -107,7 +107,8 @@ nodata_opt = click.option("--nodata", type=float, default=None, help="Nodata val
 point_size_opt = click.option("--point-size", type=float, default=None, metavar="METRES",
                               show_default=f"{ChipConfig.point_size:g}",
                               help="Side of the square box given to point labels.")
-size_opt = click.option("--size", type=int, default=None, show_default=str(ChipConfig.size),
+size_opt = click.option("--size", type=int, default=None,
+                        show_default=f"{DEFAULT_SIZE}, or the longest raster side if smaller",
                         help="Chip (window) side in pixels.")
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 seed_opt = click.option("--seed", type=int, default=None, show_default="0", help="Random seed.")

@@ -25,6 +25,7 @@ from geonet.cli.options import (
 from geonet.device import AMP_CHOICES, DEVICE_CHOICES
 from geonet.model import BACKBONES
 from geonet.training import TrainConfig, resume_config
+from geonet.training.config import AUGMENT_CHOICES
 from geonet.training import train as run_training
 
 D = TrainConfig()
@@ -57,8 +58,9 @@ def _csv(values) -> str:
 @click.option("--split-by", type=click.Choice(["auto", "raster", "block"]), default=None, show_default=D.chip.split_by)
 @click.option("--block-size", type=int, default=None, help="Block side in pixels for --split-by block.")
 @click.option("--backbone", type=click.Choice(list(BACKBONES)), default=None, show_default=D.model.backbone)
-@click.option("--weights", default=None, show_default=D.weights, metavar="coco|imagenet|none|PATH",
-              help="Initial weights: torchvision COCO RetinaNet (resnet50), ImageNet backbone, none, or a local file.")
+@click.option("--weights", default=None, show_default=D.weights, metavar="auto|coco|imagenet|none|PATH",
+              help="Initial weights: auto (COCO RetinaNet for resnet50, ImageNet otherwise; torch hub cache or "
+                   "download), coco, imagenet, none, or a local state dict.")
 @click.option("--anchor-sizes", default=None, show_default=_csv(D.model.anchor_sizes),
               help="Base anchor side per level P3..P7 (px).")
 @click.option("--anchor-scales", default=None, show_default="2^0,2^(1/3),2^(2/3)", help="Scales per level.")
@@ -77,7 +79,9 @@ def _csv(values) -> str:
 @click.option("--detections-per-img", type=int, default=None, show_default=str(D.model.detections_per_img))
 @click.option("--trainable-layers", type=int, default=None,
               help="Backbone stages to train [default: 3 pretrained, 5 scratch].")
-@click.option("--epochs", type=int, default=None, show_default=str(D.optim.epochs))
+@click.option("--steps", type=int, default=None, show_default=str(D.optim.steps),
+              help="Training budget in optimiser steps, whatever the size of the data.")
+@click.option("--epochs", type=int, default=None, help="Passes over the data; replaces --steps when given.")
 @click.option("--batch-size", type=int, default=None, show_default=str(D.optim.batch_size))
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None, show_default=D.optim.optimizer,
               help="AdamW (lr 1e-4) converges in far fewer steps from scratch on small data; SGD is the paper's.")
@@ -88,14 +92,16 @@ def _csv(values) -> str:
 @click.option("--warmup-steps", type=int, default=None, help="Linear warmup steps [default: 10 %% of all steps, at most 500].")
 @click.option("--grad-clip", type=float, default=None, show_default=f"{D.optim.grad_clip:g}",
               help="Clip the gradient norm (35 as in mmdetection's RetinaNet; 0: off).")
-@click.option("--augment/--no-augment", default=None, show_default=str(D.augment).lower(),
-              help="Flips, 90-degree rotations, jitter.")
+@click.option("--augment", type=click.Choice(AUGMENT_CHOICES), default=None, show_default=D.augment,
+              help="strong: flips, 90-degree rotations, scale 0.8-1.25, contrast, brightness, gain, saturation, hue; "
+                   "light: flips, rotations, mild contrast and brightness; none.")
 @click.option("--early-stopping", type=int, default=None, show_default=str(D.optim.early_stopping), metavar="EPOCHS",
               help="Stop when validation AP has not improved for this many epochs (0: off).")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default=None, show_default=D.device)
 @click.option("--devices", type=int, default=None, show_default=str(D.devices), help="GPUs (DDP when > 1).")
 @click.option("--amp", type=click.Choice(AMP_CHOICES), default=None, show_default=D.amp,
-              help="Mixed precision. auto: bf16 on CUDA where supported (else fp16 with a scaler), fp32 on CPU.")
+              help="Mixed precision. auto: bf16 on CUDA where supported (else fp16 with a scaler), bf16 on CPUs "
+                   "with native bf16 (AVX512-BF16, AMX), else fp32.")
 @click.option("--workers", type=int, default=None, help="DataLoader workers [default: 0 on CPU, up to 8 on CUDA].")
 @click.option("--limit-train-batches", type=int, default=None, hidden=True)
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint (same schedule).")

@@ -26,6 +26,7 @@ no nodata).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -56,12 +57,18 @@ log = logging.getLogger(__name__)
 __all__ = ["ChipConfig", "ChipSpec", "ChipPlan", "chip", "plan_chips", "write_chips", "read_chip"]
 
 
+#: Chip side in pixels when none is given (and the rasters are at least that large).
+DEFAULT_SIZE = 512
+
+
 @dataclass
 class ChipConfig:
     """Options of the chipping stage (the ``geonet chip`` flags).
 
     Attributes:
-        size: chip side in pixels.
+        size: chip side in pixels; ``None``: :data:`DEFAULT_SIZE`, or the longest raster side when every
+            raster is smaller (a larger chip would be mostly padding). A given size is kept, and rasters
+            smaller than it are padded.
         stride: step between windows in pixels (default: ``size``, no overlap); ``<= size``.
         min_visible: minimum visible fraction of a box cut by a chip edge to stay a target.
         negative_ratio: background-only chips kept per chip with objects (0 keeps none).
@@ -74,7 +81,7 @@ class ChipConfig:
         compress: GeoTIFF compression of the chips (``none``, ``deflate``, ``lzw``, ``zstd``).
     """
 
-    size: int = 512
+    size: int | None = None
     stride: int | None = None
     min_visible: float = 0.5
     negative_ratio: float = 0.25
@@ -87,11 +94,11 @@ class ChipConfig:
 
     def validate(self) -> None:
         """Raise :class:`InputError` for out-of-range options."""
-        if self.size <= 0:
+        if self.size is not None and self.size <= 0:
             raise InputError(f"--size must be a positive number of pixels, got {self.size}.", fix="use e.g. --size 512.")
         if self.stride is not None and self.stride <= 0:
             raise InputError(f"--stride must be positive, got {self.stride}.", fix="use e.g. --stride 448.")
-        if self.stride is not None and self.stride > self.size:
+        if self.stride is not None and self.size is not None and self.stride > self.size:
             raise InputError(f"--stride {self.stride} is larger than --size {self.size}: the gaps between chips would "
                              "never be seen.", fix=f"use a stride of at most {self.size}.")
         if not 0.0 < self.min_visible <= 1.0:
@@ -109,7 +116,16 @@ class ChipConfig:
 
     @property
     def step(self) -> int:
+        """Step between windows (the stride, else the size) of a resolved configuration."""
         return self.stride if self.stride is not None else self.size
+
+    def resolved(self, infos: Sequence[RasterInfo]) -> ChipConfig:
+        """A copy with the chip size decided for ``infos`` (see ``size``)."""
+        if self.size is not None:
+            return self
+        longest = max((max(i.width, i.height) for i in infos), default=DEFAULT_SIZE)
+        size = min(DEFAULT_SIZE, longest)
+        return dataclasses.replace(self, size=size, stride=None if self.stride is None else min(self.stride, size))
 
 
 @dataclass
@@ -134,7 +150,17 @@ class ChipSpec:
 
 @dataclass
 class ChipPlan:
-    """Output of :func:`plan_chips`."""
+    """Output of :func:`plan_chips`.
+
+    Attributes:
+        infos: the rasters.
+        specs: every planned chip.
+        classes: class names (``classes[i]`` has id ``i + 1``).
+        split_by: the split unit used (``raster``, ``block`` or ``None`` without a split).
+        labels_total, labels_inside: labels read, and labels that fall on some raster.
+        per_raster: counts per raster (labels, windows with objects, background windows, degenerate labels).
+        size: the chip side used (:meth:`ChipConfig.resolved`).
+    """
 
     infos: list[RasterInfo]
     specs: list[ChipSpec]
@@ -143,6 +169,7 @@ class ChipPlan:
     labels_total: int
     labels_inside: int
     per_raster: list[dict] = field(default_factory=list)
+    size: int = 512
 
 
 def footprint_groups(infos: Sequence[RasterInfo]) -> list[list[int]]:
@@ -240,6 +267,7 @@ def plan_chips(infos: Sequence[RasterInfo], index: LabelIndex, config: ChipConfi
         InputError: a raster has no CRS, the labels miss every raster, or the split cannot be made.
     """
     config.validate()
+    config = config.resolved(infos)
     size, step = config.size, config.step
     rng = np.random.default_rng(config.seed)
     rboxes: list[RasterBoxes] = [index.for_raster(info) for info in infos]
@@ -309,7 +337,7 @@ def plan_chips(infos: Sequence[RasterInfo], index: LabelIndex, config: ChipConfi
     specs = positives + _sample_negatives(negatives, positives, config.negative_ratio, rng)
     specs.sort(key=lambda s: (s.raster, s.window[1], s.window[0]))
     return ChipPlan(infos=list(infos), specs=specs, classes=list(index.labels.classes), split_by=split_by,
-                    labels_total=len(index.labels), labels_inside=len(inside), per_raster=per_raster)
+                    labels_total=len(index.labels), labels_inside=len(inside), per_raster=per_raster, size=size)
 
 
 def _sample_negatives(negatives: list[ChipSpec], positives: list[ChipSpec], ratio: float,
@@ -418,7 +446,7 @@ def write_chips(plan: ChipPlan, out_dir: str | os.PathLike[str], config: ChipCon
                 report.chips_train += 1
         for s in sources:
             s.close()
-        info_block = {"geonet_version": geonet.__version__, "chip_config": asdict(config),
+        info_block = {"geonet_version": geonet.__version__, "chip_config": {**asdict(config), "size": plan.size},
                       "bands": list(plan.infos[0].bands) if plan.infos else [], "split_by": plan.split_by,
                       **(extra_info or {})}
         coco = coco_dict(images, annotations, plan.classes, info_block)

@@ -2,7 +2,9 @@
 
 ``device``: ``"auto"`` (CUDA when present, else the CPU), ``"cpu"`` or ``"cuda"``.
 ``amp`` (precision): ``"auto"``, ``"32"`` (fp32), ``"bf16"`` or ``"16"`` (fp16) autocast. ``auto`` is bf16
-on a CUDA device that supports it (fp16 otherwise) and fp32 on the CPU.
+on a CUDA device that supports it (fp16 otherwise), bf16 on a CPU with native bf16 instructions
+(AVX512-BF16 or AMX: about 1.9x faster than fp32 on the 2-core AVX512-BF16 machines here) and fp32 on
+other CPUs, where bf16 is emulated and slower.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from geonet.errors import InputError
 
 __all__ = ["AMP_CHOICES", "DEVICE_CHOICES", "resolve_device", "resolve_precision", "autocast_dtype",
-           "lightning_precision"]
+           "lightning_precision", "cpu_has_native_bf16"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 AMP_CHOICES = ("auto", "32", "bf16", "16")
@@ -43,7 +45,20 @@ def resolve_precision(amp: str, device: torch.device) -> str:
         return amp
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "16"
-    return "32"
+    return "bf16" if cpu_has_native_bf16() else "32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU runs bf16 matrix products natively (AVX512-BF16 or AMX)."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except RuntimeError:
+            pass
+    return False
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

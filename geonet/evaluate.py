@@ -33,6 +33,7 @@ evaluated in pixel space with the same code (:func:`evaluate_coco`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -78,6 +79,7 @@ class EvalConfig:
     Attributes:
         iou: IoU of the precision/recall/F1 operating point (DeepForest's NEON benchmark uses 0.4).
         score_thresh: score threshold of the operating point (default: the one maximising F1).
+        score_source: how ``score_thresh`` was chosen, for the report (``"given"``).
         area_bins: upper bounds in square metres of the small and medium size bins.
         crs: one metric CRS to compare in (default: each object's local UTM zone).
         class_field, layer: of the truth file.
@@ -89,6 +91,7 @@ class EvalConfig:
 
     iou: float = 0.5
     score_thresh: float | None = None
+    score_source: str = "given"
     area_bins: tuple[float, float] = (10.0, 100.0)
     crs: str | None = None
     class_field: str | None = None
@@ -426,6 +429,8 @@ def evaluate(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_dir: s
     op_metrics = coco_metrics(gt, dets, iou_thresholds=[cfg.iou], area_bins=bins, max_dets=md, keep_eval=True)
     ev = op_metrics["_eval"]
     op = operating_point(ev, cfg.iou, score_thresh=cfg.score_thresh)
+    if cfg.score_thresh is not None:
+        op["chosen"] = cfg.score_source
     per_class = {c: operating_point(ev, cfg.iou, score_thresh=op["score_thresh"], cat_ids=[cid[c]]) for c in classes}
     rep = EvalReport(metrics=metrics, operating=op, per_class_operating=per_class, crs=crs_desc, area_bins=(lo, hi),
                      n_predictions=len(pb), n_truth=len(tb), aoi=aoi_desc, seconds=0.0, class_map=mapping)
@@ -635,6 +640,8 @@ def evaluate_model(model: str, imagery: Sequence[str], truth: str, cfg: EvalConf
 
     Detections go to ``OUT_DIR-detections/`` (one GeoJSON per scene), at the model's own low score
     threshold (0.05 by default), not its operating point: AP needs the whole precision-recall curve.
+    Precision, recall and F1 are reported at the model's operating point (the threshold ``geonet detect``
+    applies by default) unless ``cfg.score_thresh`` says otherwise.
     Scenes already detected there are kept (resume), unless ``overwrite`` (the model may have changed).
 
     Raises:
@@ -648,10 +655,16 @@ def evaluate_model(model: str, imagery: Sequence[str], truth: str, cfg: EvalConf
     det_dir = out.parent / (out.name + "-detections")
     make_dir(det_dir)
     log.info("detecting into %s/", det_dir)
-    low = float(read_checkpoint(model)[0].model_config.score_thresh)
+    header = read_checkpoint(model)[0]
+    low = float(header.model_config.score_thresh)
     rep = detect(list(imagery), str(det_dir) + "/", DetectConfig(model=model, format="geojson", resume=not overwrite,
                                                                  score_thresh=low), show_progress=show_progress)
     if rep.failed:
         raise InputError(f"{rep.failed} scene(s) failed to detect (see above).", fix="fix or leave out those scenes.")
     predictions = [str(o) for o in resolve_outputs(list(imagery), str(det_dir) + "/", "geojson")[1]]
+    op = header.operating_point
+    if cfg.score_thresh is None and op is not None:
+        # precision, recall and F1 where a user of the model gets them: at its own operating point
+        cfg = dataclasses.replace(cfg, score_thresh=op.score_thresh)
+        cfg = dataclasses.replace(cfg, score_source="the model's validation operating point")
     return evaluate(predictions, truth, cfg, out_dir, overwrite=overwrite)

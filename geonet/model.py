@@ -103,7 +103,7 @@ class ModelConfig:
             (resolved by :func:`build_model`).
     """
 
-    backbone: str = "resnet50"
+    backbone: str = "mobilenet_v2"
     num_classes: int = 1
     in_channels: int = 3
     anchor_sizes: tuple[float, ...] = (32, 64, 128, 256, 512)
@@ -192,8 +192,9 @@ def _weights_enum(name: str):
     return getattr(enum, member)
 
 
-def _download_state_dict(weights) -> dict:
-    """Fetch torchvision weights through torch.hub's cache; a one-line error with the fix when offline."""
+def _download_state_dict(weights, option: str = "--weights") -> dict:
+    """Fetch torchvision weights through torch.hub's cache (no download when the file is there); a one-line
+    error with the fix when that fails (offline)."""
     from torch.hub import get_dir
 
     url = weights.url
@@ -204,10 +205,11 @@ def _download_state_dict(weights) -> dict:
             return weights.get_state_dict(progress=False, check_hash=False)
     except Exception as exc:  # URLError, HTTPError, socket errors, ... when offline
         raise InputError(
-            f"--weights: cannot download {fname} ({type(exc).__name__}: {' '.join(str(exc).split())[:100]}).",
+            f"{option}: {fname} is not in the torch hub cache and cannot be downloaded "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:100]}).",
             fix=f"on a machine with internet, download {url} and place it at {cache / fname} "
-                "(the torch hub cache; set TORCH_HOME to move it), or pass --weights PATH to a local file, "
-                "or --weights none.") from None
+                "(set TORCH_HOME to move the cache), or pass --weights PATH to a local state dict of the "
+                "backbone, or --weights none to train from scratch.") from None
 
 
 def adapt_first_conv(weight: Tensor, in_channels: int) -> Tensor:
@@ -470,14 +472,14 @@ def _load_local_state_dict(path: str) -> dict:
     return sd
 
 
-def _body(cfg: ModelConfig, weights: str) -> tuple[nn.Module, bool]:
+def _body(cfg: ModelConfig, weights: str, option: str = "--weights") -> tuple[nn.Module, bool]:
     """The classification backbone with pretrained weights loaded and the first conv adapted."""
     spec = BACKBONES[cfg.backbone]
     norm = FrozenBatchNorm2d if cfg.frozen_bn else nn.BatchNorm2d
     body = spec.builder(weights=None, norm_layer=norm)
     pretrained = False
     if weights == "imagenet":
-        sd = _download_state_dict(_weights_enum(spec.imagenet))
+        sd = _download_state_dict(_weights_enum(spec.imagenet), option)
         body.load_state_dict(sd)
         pretrained = True
     elif weights not in ("none", "coco", None, ""):
@@ -535,10 +537,11 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
 
     Args:
         cfg: model configuration (validated here).
-        weights: ``"none"`` (random init), ``"imagenet"`` (torchvision's ImageNet backbone weights via the
-            torch hub cache), ``"coco"`` (torchvision's COCO RetinaNet, ResNet-50 only; the class layer is
-            re-initialised for ``num_classes``), or a path to a local file: backbone weights with
-            torchvision key names (e.g. ``mobilenet_v2_imagenet.pth``) or a geonet checkpoint (fine-tune).
+        weights: ``"auto"`` (the best pretrained weights for the backbone: ``"coco"`` for ResNet-50,
+            ``"imagenet"`` otherwise), ``"none"`` (random init), ``"imagenet"`` (torchvision's ImageNet backbone
+            weights via the torch hub cache), ``"coco"`` (torchvision's COCO RetinaNet, ResNet-50 only; the
+            class layer is re-initialised for ``num_classes``), or a path to a local file: backbone weights
+            with torchvision key names (e.g. ``mobilenet_v2_imagenet.pth``) or a geonet checkpoint (fine-tune).
 
     Returns:
         A :class:`GeoRetinaNet` in train mode, on the CPU. ``cfg.trainable_layers`` and ``cfg.frozen_bn``
@@ -549,6 +552,11 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
             downloaded (the message says which file to place where).
     """
     cfg.validate()
+    if weights == "auto":
+        weights = "coco" if cfg.backbone == "resnet50" else "imagenet"
+        option = f"--weights auto (for --backbone {cfg.backbone}: {weights})"
+    else:
+        option = f"--weights {weights}"
     pretrained = weights not in ("none", "", None)
     if cfg.trainable_layers is None:
         cfg.trainable_layers = 3 if pretrained else 5
@@ -559,7 +567,7 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
             raise InputError(f"--weights coco exists for --backbone resnet50 only (got {cfg.backbone}).",
                              fix="use --backbone resnet50, or --weights imagenet.")
         cfg.p6_from = "p5"
-    body, pretrained = _body(cfg, weights)
+    body, pretrained = _body(cfg, weights, option)
     pretrained = pretrained or weights == "coco"
     spec = BACKBONES[cfg.backbone]
     layers = cfg.trainable_layers
@@ -586,7 +594,7 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
                          bg_iou_thresh=cfg.bg_iou, topk_candidates=cfg.topk_candidates)
     model.transform = GeoTransform(cfg.mean, cfg.std)
     if weights == "coco":
-        _load_coco(model, cfg)
+        _load_coco(model, cfg, option)
     elif weights not in ("none", "imagenet", None, "") and Path(weights).exists():
         sd = _load_local_state_dict(weights)
         if sd.get("format") == "geonet-detector":
@@ -594,8 +602,8 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
     return model
 
 
-def _load_coco(model: GeoRetinaNet, cfg: ModelConfig) -> None:
-    sd = _download_state_dict(_weights_enum(COCO_WEIGHTS))
+def _load_coco(model: GeoRetinaNet, cfg: ModelConfig, option: str = "--weights coco") -> None:
+    sd = _download_state_dict(_weights_enum(COCO_WEIGHTS), option)
     own = model.state_dict()
     keep = {}
     for k, v in sd.items():

@@ -197,3 +197,33 @@ def test_old_checkpoints_with_a_background_output_load(tmp_path):
     assert header.format_version == 2
     for k_, v in m.state_dict().items():
         assert torch.equal(v, old.state_dict()[k_]), k_
+
+
+def test_weights_auto_loads_from_the_hub_cache_and_says_what_to_place_offline(tmp_path, monkeypatch):
+    import os
+    import urllib.error
+
+    import torch.hub
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    fname = os.path.basename(torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.url)
+    with pytest.raises(InputError) as ei:
+        build_model(ModelConfig(backbone="mobilenet_v2"), weights="auto")
+    msg = str(ei.value)
+    assert "--weights auto" in msg and fname in msg and str(tmp_path / "hub" / "checkpoints" / fname) in msg
+    assert "--weights PATH" in msg and "--weights none" in msg and "\n" not in msg
+    # a state dict placed in the cache under torchvision's file name is what auto loads
+    torch.manual_seed(1)
+    sd = torchvision.models.mobilenet_v2().state_dict()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(sd, tmp_path / "hub" / "checkpoints" / fname)
+    cfg = ModelConfig(backbone="mobilenet_v2")
+    m = build_model(cfg, weights="auto")
+    assert torch.equal(m.backbone.body["0"][0].weight, sd["features.0.0.weight"])
+    assert cfg.trainable_layers == 3 and cfg.frozen_bn  # pretrained: the early stages stay frozen

@@ -22,7 +22,8 @@ from geonet.errors import InputError
 from geonet.training import NonFiniteLoss, TrainConfig, TrainingInterrupted, prepare_data, train
 from synth import make_scene, paint, write_raster
 
-FAST = dict(size=64, backbone="resnet18", batch_size=2, anchor_sizes=[16, 32, 64, 128, 256], epochs=2,
+FAST = dict(size=64, backbone="resnet18", weights="none", fit_anchors=False, augment="light", amp="32", batch_size=2,
+            anchor_sizes=[16, 32, 64, 128, 256], epochs=2,
             limit_train_batches=2, val_fraction=0.25)
 
 
@@ -178,6 +179,7 @@ def test_cli_train_yaml_config_flags_override(scenes):
     tmp, rasters, labels = scenes
     conf = tmp / "c.yaml"
     conf.write_text(yaml.safe_dump({"imagery": rasters, "labels": labels, "size": 64, "backbone": "resnet18",
+                                    "weights": "none",
                                     "epochs": 5, "batch_size": 2, "anchor_sizes": [16, 32, 64, 128, 256],
                                     "val_fraction": 0.25, "limit_train_batches": 1}))
     res = CliRunner().invoke(cli, ["train", "--config", str(conf), "--epochs", "1", "-o", str(tmp / "r"),
@@ -218,7 +220,8 @@ def test_sigint_leaves_resumable_checkpoint(scenes):
     tmp, rasters, labels = scenes
     run = tmp / "sig"
     cmd = [sys.executable, "-m", "geonet.cli.main", "train", "--labels", labels, "-o", str(run), "--size", "64",
-           "--backbone", "resnet18", "--batch-size", "2", "--anchor-sizes", "16,32,64,128,256", "--epochs", "40",
+           "--backbone", "resnet18", "--weights", "none", "--no-fit-anchors", "--batch-size", "2",
+           "--anchor-sizes", "16,32,64,128,256", "--epochs", "40",
            "--limit-train-batches", "2", "--no-progress"]
     for r in rasters:
         cmd += ["--imagery", r]
@@ -257,7 +260,7 @@ def test_train_from_chip_folder_and_voc(scenes):
     res = CliRunner().invoke(cli, ["chip", "--imagery", rasters[0], "--imagery", rasters[1], "--labels", labels,
                                    "-o", str(tmp / "chips"), "--size", "64", "--split", "val=0.5"])
     assert res.exit_code == 0, res.output
-    r = train(TrainConfig.from_options(dict(output=str(tmp / "from_chips"), chips=str(tmp / "chips"),
+    r = train(TrainConfig.from_options(dict(output=str(tmp / "from_chips"), chips=str(tmp / "chips"), weights="none",
                                             backbone="resnet18", epochs=1, batch_size=2, limit_train_batches=1,
                                             anchor_sizes=[16, 32, 64, 128, 256])), progress=False)
     assert r.n_val > 0 and header(tmp / "from_chips" / "best.pt").chip_size == 64
@@ -288,6 +291,7 @@ def test_train_from_chip_folder_and_voc(scenes):
             f"<annotation><filename>i{k}.png</filename><object><name>pool</name><bndbox><xmin>31</xmin>"
             "<ymin>21</ymin><xmax>60</xmax><ymax>50</ymax></bndbox></object></annotation>")
     r = train(TrainConfig.from_options(dict(output=str(tmp / "from_voc"), voc=str(voc), backbone="resnet18", epochs=1,
+                                            weights="none",
                                             batch_size=2, anchor_sizes=[16, 32, 64, 128, 256], val_fraction=0.25)),
               progress=False)
     ck = header(tmp / "from_voc" / "best.pt")

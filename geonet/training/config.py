@@ -18,6 +18,7 @@ The model section leaves out what the data decide (``num_classes``, ``in_channel
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -35,6 +36,8 @@ __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "load_run_config", "resum
 
 #: ModelConfig fields that the data decide, never the user.
 DATA_DERIVED = ("num_classes", "in_channels", "mean", "std")
+#: Augmentation levels (:meth:`geonet.augment.OverheadAugment.for_training`).
+AUGMENT_CHOICES = ("strong", "light", "none")
 #: Options that may change when a run is resumed (they do not change the result).
 RUNTIME_OPTIONS = ("output", "workers", "device")
 
@@ -85,7 +88,9 @@ class OptimConfig:
     """Optimisation.
 
     Attributes:
-        epochs: passes over the training windows.
+        steps: the training budget in optimiser steps, whatever the size of the data (the epochs follow:
+            ``ceil(steps / steps_per_epoch)``).
+        epochs: passes over the training windows; when set, it replaces ``steps``.
         batch_size: images per optimiser step.
         optimizer: ``adamw`` (default) or ``sgd`` (momentum, the paper's).
         lr: learning rate (default: 1e-4 for AdamW, 0.01 x batch / 16 for SGD).
@@ -96,7 +101,8 @@ class OptimConfig:
         early_stopping: stop after this many epochs without a better validation AP (0: off).
     """
 
-    epochs: int = 24
+    steps: int = 1000
+    epochs: int | None = None
     batch_size: int = 4
     optimizer: str = "adamw"
     lr: float | None = None
@@ -108,8 +114,10 @@ class OptimConfig:
     early_stopping: int = 0
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise InputError(f"--epochs must be >= 1, got {self.epochs}.", fix="e.g. --epochs 24.")
+        if self.epochs is not None and self.epochs < 1:
+            raise InputError(f"--epochs must be >= 1, got {self.epochs}.", fix="e.g. --epochs 24, or leave it out.")
+        if self.steps < 1:
+            raise InputError(f"--steps must be >= 1, got {self.steps}.", fix="e.g. --steps 1000.")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}.", fix="e.g. --batch-size 4.")
         if self.optimizer not in ("sgd", "adamw"):
@@ -118,6 +126,10 @@ class OptimConfig:
             raise InputError(f"--schedule {self.schedule!r}: choose cosine or step.")
         if self.lr is not None and not self.lr > 0:
             raise InputError(f"--lr must be positive, got {self.lr}.", fix="e.g. --lr 1e-4.")
+
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """Epochs of the run: ``epochs`` when set, else enough to make ``steps`` optimiser steps."""
+        return self.epochs if self.epochs is not None else max(1, math.ceil(self.steps / max(1, steps_per_epoch)))
 
     @property
     def effective_lr(self) -> float:
@@ -151,10 +163,12 @@ class TrainConfig:
         output: the run folder.
         data, chip, model, optim: the sections. ``chip.val_fraction`` defaults to a 20 % spatial
             validation split here.
-        weights: initial weights: ``none``, ``imagenet``, ``coco`` or a local file
-            (:func:`geonet.model.build_model`).
+        weights: initial weights: ``auto`` (the best pretrained weights for the backbone: torchvision's COCO
+            RetinaNet for ResNet-50, ImageNet otherwise, from the torch hub cache or a download), ``none``,
+            ``imagenet``, ``coco`` or a local file (:func:`geonet.model.build_model`).
         fit_anchors: fit anchor sizes and ratios to the training boxes (:func:`geonet.anchors.fit_anchors`).
-        augment: flips, 90-degree rotations and photometric jitter (:class:`geonet.augment.OverheadAugment`).
+        augment: ``strong`` (dihedral, scale and photometric jitter), ``light`` or ``none``
+            (:meth:`geonet.augment.OverheadAugment.for_training`).
         seed: the run's seed (split, negative sampling, initialisation, shuffling, augmentation).
         device, amp: see :mod:`geonet.device`.
         devices: processes (GPUs) for DDP.
@@ -167,9 +181,9 @@ class TrainConfig:
     chip: ChipConfig = field(default_factory=lambda: ChipConfig(val_fraction=0.2))
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    weights: str = "none"
-    fit_anchors: bool = False
-    augment: bool = True
+    weights: str = "auto"
+    fit_anchors: bool = True
+    augment: str = "strong"
     seed: int = 0
     device: str = "auto"
     devices: int = 1
@@ -191,6 +205,8 @@ class TrainConfig:
             raise InputError(f"--amp {self.amp!r}: choose auto, 32, bf16 or 16.")
         if self.devices < 1:
             raise InputError(f"--devices must be >= 1, got {self.devices}.")
+        if self.augment not in AUGMENT_CHOICES:
+            raise InputError(f"--augment {self.augment!r}: choose {', '.join(AUGMENT_CHOICES)}.")
 
     @property
     def chip_config(self) -> ChipConfig:
@@ -221,6 +237,8 @@ class TrainConfig:
             sec = names[k]
             if k in ("anchor_sizes", "anchor_scales", "anchor_ratios") and v is not None:
                 v = tuple(float(x) for x in v)
+            elif k == "augment" and isinstance(v, bool):  # format 1: on/off (on was the light level)
+                v = "light" if v else "none"
             elif k in ("imagery",) and isinstance(v, str):
                 v = [v]
             elif k in ("imagery", "bands") and v is not None:

@@ -173,7 +173,7 @@ def _raster_datasets(cfg: TrainConfig) -> _Sets:
     gsd = [float(np.median([g[0] for g in gsds])), float(np.median([g[1] for g in gsds]))] if gsds else None
     return _Sets(train=RasterWindowDataset(plan, split="train"), val=RasterWindowDataset(plan, split="val"),
                  classes=list(plan.classes), n_degenerate=sum(r["degenerate_labels"] for r in plan.per_raster),
-                 ref=infos[0], gsd=gsd, chip_size=cfg.chip.size)
+                 ref=infos[0], gsd=gsd, chip_size=plan.size)
 
 
 def _image_set_datasets(cfg: TrainConfig) -> _Sets:

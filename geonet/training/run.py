@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -111,7 +112,7 @@ def model_config_for(cfg: TrainConfig, data: TrainData, mean: Sequence[float], s
         from geonet.anchors import fit_anchors
 
         boxes = data.train_boxes
-        if cfg.augment:  # 90-degree rotations show every box transposed as well
+        if cfg.augment != "none":  # 90-degree rotations show every box transposed as well
             boxes = np.concatenate([boxes, boxes[:, [1, 0, 3, 2]]])
         fit = fit_anchors(boxes, (data.chip_size, data.chip_size), base=mc)
         log.info("anchors fitted: coverage %.3f -> %.3f (%s)", fit.default_coverage, fit.coverage, fit.as_flags())
@@ -145,6 +146,18 @@ def _model_config(cfg: TrainConfig, data: TrainData, run: Path, resume: bool) ->
         return model_cfg
     mean, std = band_stats(data.train, seed=cfg.seed)
     return model_config_for(cfg, data, mean, std)
+
+
+#: Validations per run (at most): enough to pick the best epoch, few enough not to dominate short epochs.
+VALIDATIONS = 20
+
+
+def _schedule(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """``(epochs, validate every n epochs)``: the epochs that make the step budget (or ``--epochs``), rounded
+    up to a whole number of validation intervals so that the last epoch is validated."""
+    epochs = cfg.optim.epochs_for(steps_per_epoch)
+    every = max(1, epochs // VALIDATIONS)
+    return math.ceil(epochs / every) * every, every
 
 
 def _loaders(cfg: TrainConfig, data: TrainData, *, cuda: bool):
@@ -187,16 +200,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     for ds in (data.train, data.val):
         if ds is not None:
             ds.fill_values = np.asarray(model_cfg.mean, dtype=np.float32)
-    if cfg.augment:
-        data.train.transform = OverheadAugment(band_std=model_cfg.std)
+    if cfg.augment != "none":
+        data.train.transform = OverheadAugment.for_training(strength=cfg.augment, band_std=model_cfg.std)
     cuda = device.type == "cuda"
     train_loader, val_loader = _loaders(cfg, data, cuda=cuda)
     steps_per_epoch = len(train_loader) if cfg.limit_train_batches is None else min(len(train_loader),
                                                                                   cfg.limit_train_batches)
+    epochs, val_every = _schedule(cfg, steps_per_epoch)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     task = DetectionTask(model_cfg.to_dict(), weights="none" if resume else cfg.weights,
-                         optim=asdict(cfg.optim), steps_per_epoch=steps_per_epoch, classes=data.classes,
-                         val_gt=data.val_gt, channels_last=cuda)
+                         optim={**asdict(cfg.optim), "epochs": epochs}, steps_per_epoch=steps_per_epoch,
+                         classes=data.classes, val_gt=data.val_gt, channels_last=cuda)
     model_cfg = task.model_config  # with what build_model resolved (trainable layers, frozen BN)
     run.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -218,7 +232,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if cfg.optim.early_stopping > 0 and data.val is not None:
         callbacks.append(pl.callbacks.EarlyStopping(monitor="val/AP", mode="max", patience=cfg.optim.early_stopping))
     trainer = pl.Trainer(
-        max_epochs=cfg.optim.epochs, accelerator="gpu" if cuda else "cpu", devices=cfg.devices if cuda else 1,
+        max_epochs=epochs, check_val_every_n_epoch=val_every, accelerator="gpu" if cuda else "cpu",
+        devices=cfg.devices if cuda else 1,
         precision=lightning_precision(precision), logger=_loggers(run, resume and cfg.devices <= 1),
         callbacks=callbacks + list(extra_callbacks), deterministic=not cuda, benchmark=cuda,
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
