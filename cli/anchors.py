@@ -26,9 +26,8 @@ def anchors(imagery, labels, layer, class_field, bands, nodata, point_size, size
 
     Coverage is the share of boxes whose best anchor has IoU >= 0.5 (the matcher's object threshold).
     """
-    kw = {k: v for k, v in (("size", size), ("point_size", point_size)) if v is not None}
     fit, n_windows = anchor_report(imagery, labels, layer=layer, class_field=class_field, bands=bands, nodata=nodata,
-                                   **kw)
+                                   size=size, point_size=point_size)
     click.echo(f"{fit.n_boxes} boxes in {n_windows} windows")
     click.echo(f"default  sizes {','.join(f'{s:g}' for s in fit.default_sizes)}  ratios "
                f"{','.join(f'{r:g}' for r in fit.default_ratios)}: coverage {fit.default_coverage:.3f}, "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import click
-from geonet.cli.options import given, progress_opt
+from geonet.cli.options import bands_opt, given, progress_opt, shared
 
 from geonet.detect import DetectConfig
 from geonet.detect import detect as run_detection
@@ -37,12 +37,15 @@ D = DetectConfig(model="")
 @click.option("--resample/--no-resample", default=None, show_default=str(D.resample).lower(),
               help="Resample scenes whose GSD differs from the training GSD by more than 10 %.")
 @click.option("--allow-no-crs", is_flag=True, default=None, help="Accept scenes without a CRS and write pixel coordinates.")
-@click.option("--nodata", type=float, default=None, help="Nodata value [default: the scene's].")
+@click.option("--nodata", type=float, default=None,
+              help="Nodata value [default: the scene's own; a scene without one has none].")
+@shared(bands_opt)
 @click.option("--precision", "coord_precision", type=int, default=None, show_default=str(D.coord_precision),
               help="Decimals of GeoJSON coordinates (7 = ~1 cm).")
 @click.option("--preview", default=None, metavar="PNG",
               help="Draw detections on a downsampled scene (one scene: this path; several: one PNG per output).")
 @click.option("--resume", is_flag=True, default=None, help="Skip scenes whose output already exists.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace existing outputs.")
 @progress_opt
 def detect(scenes, output, progress, **options):
     """Detect objects in SCENE(s) (files, folders or quoted globs) with a trained checkpoint."""

@@ -38,10 +38,7 @@ class GeonetGroup(click.Group):
         except GeonetError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
+        except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
             click.echo("Interrupted.", err=True)
             sys.exit(130)
         except OSError as exc:

@@ -105,8 +105,7 @@ bands_opt = click.option("--bands", default=None, callback=_bands, metavar="3,2,
                          help="Bands to read, 1-based, in order [default: all but alpha].")
 nodata_opt = click.option("--nodata", type=float, default=None, help="Nodata value [default: from the file].")
 point_size_opt = click.option("--point-size", type=float, default=None, metavar="METRES",
-                              show_default=f"{ChipConfig.point_size:g}",
-                              help="Side of the square box given to point labels.")
+                              help="Side of the square box given to point labels (required for point labels).")
 size_opt = click.option("--size", type=int, default=None,
                         show_default=f"{DEFAULT_SIZE}, or the longest raster side if smaller",
                         help="Chip (window) side in pixels.")

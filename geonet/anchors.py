@@ -140,7 +140,7 @@ def anchor_report(imagery: Sequence[str], labels: str, *, size: int | None = Non
                   ) -> tuple[AnchorFit, int]:
     """Anchor coverage of the boxes of ``size`` px training windows, default vs fitted (``geonet anchors``).
 
-    ``size`` and ``point_size`` default to :class:`geonet.chip.ChipConfig`'s.
+    ``size`` defaults to :class:`geonet.chip.ChipConfig`'s.
 
     Returns:
         ``(fit, n_windows)``.
@@ -154,7 +154,7 @@ def anchor_report(imagery: Sequence[str], labels: str, *, size: int | None = Non
 
     infos = [describe_raster(p, bands=bands, nodata=nodata) for p in find_rasters(imagery)]
     lab = read_labels(labels, layer=layer, class_field=class_field)
-    config = ChipConfig(size=size, negative_ratio=0, point_size=point_size or ChipConfig.point_size)
+    config = ChipConfig(size=size, negative_ratio=0, point_size=point_size)
     plan = plan_chips(infos, LabelIndex(lab, point_size=config.point_size), config)
     boxes = np.concatenate([s.labels.boxes for s in plan.specs]) if plan.specs else np.zeros((0, 4))
     return fit_anchors(boxes, (plan.size, plan.size)), len(plan.specs)

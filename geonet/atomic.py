@@ -2,6 +2,11 @@
 
 A crash, an exception or Ctrl-C while writing leaves the output path as it was before (absent, or
 the previous complete version); it never holds a half-written file or folder.
+
+Temporary siblings are named ``.<name>.tmp-<pid>-<random>``: a process killed outright (SIGKILL, power
+loss) leaves its own behind, and :func:`remove_stale` deletes those whose process is gone -- never the
+temporary file of a run still writing. Two runs writing the same output are therefore both safe: each
+writes its own temporary file and the last rename wins, with a complete file either way.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from pathlib import Path
 
 from geonet.errors import InputError
 
-__all__ = ["atomic_dir", "atomic_file", "check_output_dir", "make_dir", "make_parent"]
+__all__ = ["atomic_dir", "atomic_file", "check_output_dir", "check_writable", "make_dir", "make_parent",
+           "remove_stale"]
 
 
 def make_dir(folder: str | os.PathLike[str], *, option: str = "-o", path: str | os.PathLike[str] | None = None) -> None:
@@ -32,8 +38,62 @@ def make_dir(folder: str | os.PathLike[str], *, option: str = "-o", path: str | 
 
 
 def make_parent(path: str | os.PathLike[str], *, option: str = "-o") -> None:
-    """Create the missing parent folders of an output ``path`` (see :func:`make_dir`)."""
+    """Create the missing parent folders of an output ``path`` (see :func:`make_dir`), and check that the
+    folder takes new files (see :func:`check_writable`)."""
     make_dir(Path(path).parent, option=option, path=path)
+    check_writable(Path(path).parent, option=option, path=path)
+
+
+def check_writable(folder: str | os.PathLike[str], *, option: str = "-o", path: str | os.PathLike[str] | None = None
+                   ) -> None:
+    """Create and delete a temporary file in ``folder``, before any work starts.
+
+    Raises:
+        InputError: the folder does not take new files (read-only, permissions, full).
+    """
+    try:
+        fd, name = tempfile.mkstemp(prefix=".geonet-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise InputError(f"{option} {path if path is not None else folder}: cannot write in {folder} "
+                         f"({exc.strerror or exc}).", fix="choose a writable location, or fix its permissions.") from None
+
+
+def _tmp_prefix(out: Path) -> str:
+    return f".{out.stem if out.suffix else out.name}.tmp-"
+
+
+def remove_stale(path: str | os.PathLike[str]) -> int:
+    """Delete the temporary siblings of ``path`` left by geonet processes that no longer run.
+
+    Returns:
+        How many files or folders were removed.
+    """
+    out = Path(path)
+    n = 0
+    if not out.parent.is_dir():
+        return 0
+    for tmp in list(out.parent.glob(_tmp_prefix(out) + "*")) + list(out.parent.glob(f".{out.name}.tmp-*")):
+        pid = tmp.name.split(".tmp-", 1)[1].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+            n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool, option: str = "-o") -> Path:
@@ -51,6 +111,7 @@ def check_output_dir(path: str | os.PathLike[str], *, overwrite: bool, option: s
     make_parent(out, option=option)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{option} {out} exists and is not empty.", fix="choose another folder or pass --overwrite.")
+    remove_stale(out)
     return out
 
 
@@ -62,7 +123,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     left untouched.
     """
     out = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
     except BaseException:
@@ -87,7 +148,7 @@ def atomic_file(path: str | os.PathLike[str], *, suffix: str | None = None) -> I
     """
     out = Path(path)
     sfx = suffix if suffix is not None else out.suffix
-    fd, name = tempfile.mkstemp(prefix=f".{out.stem}.tmp-", suffix=sfx, dir=out.parent)
+    fd, name = tempfile.mkstemp(prefix=f"{_tmp_prefix(out)}{os.getpid()}-", suffix=sfx, dir=out.parent)
     os.close(fd)
     tmp = Path(name)
     tmp.unlink()  # let the writer create it; some drivers refuse to open an existing empty file

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from geonet.chip import ChipConfig
 from geonet.errors import GeonetError
 from geonet.labels import LabelIndex, LabelSet, read_labels
 from geonet.raster import RasterInfo, describe_raster, find_rasters
@@ -85,7 +84,7 @@ def box_size_stats(wh: np.ndarray) -> dict[str, list[float]]:
 
 
 def check_inputs(rasters: Sequence[str], labels: LabelSet | None, *, bands=None, nodata=None,
-                 point_size: float = ChipConfig.point_size) -> CheckReport:
+                 point_size: float | None = None) -> CheckReport:
     """Build the pre-flight report.
 
     Rasters that cannot be read, and rasters without a CRS, are reported rather than raised, so one
@@ -172,12 +171,10 @@ def check(imagery: Sequence[str], labels: str | None = None, *, layer: str | Non
           class_field: str | None = None, bands=None, nodata=None, point_size: float | None = None) -> CheckReport:
     """The pre-flight report of ``geonet check`` for raster files, folders or globs and an optional label file.
 
-    ``point_size`` (metres) defaults to :class:`geonet.chip.ChipConfig`'s.
 
     Raises:
         InputError: no raster found, or an unreadable label file.
     """
     paths = find_rasters(imagery)
     lab = read_labels(labels, layer=layer, class_field=class_field) if labels else None
-    return check_inputs([str(p) for p in paths], lab, bands=bands, nodata=nodata,
-                        point_size=point_size or ChipConfig.point_size)
+    return check_inputs([str(p) for p in paths], lab, bands=bands, nodata=nodata, point_size=point_size)

@@ -99,6 +99,12 @@ class CheckpointHeader:
                                                              "nms_iou") if op.get(k) is not None})
 
     @property
+    def bands_chosen(self) -> bool:
+        """Whether training chose the bands with ``--bands`` (else they were all the bands but alpha)."""
+        tc = self.train_config or {}
+        return (tc.get("data") or tc).get("bands") is not None
+
+    @property
     def train_gsd(self) -> float | None:
         """Geometric mean of the training GSD in metres (``None`` if not georeferenced)."""
         return float(np.sqrt(self.gsd[0] * self.gsd[1])) if self.gsd else None

@@ -77,7 +77,8 @@ class ChipConfig:
         block_size: block side in pixels of the group's finest raster (``split_by=block``);
             default ``min(2 * size, longest side / 2)``.
         seed: seed of the split and the negative sampling.
-        point_size: side in metres of the box given to point labels.
+        point_size: side in metres of the square box given to point labels; required when the labels
+            hold points (``None``: points are an error, never boxes of a guessed size).
         compress: GeoTIFF compression of the chips (``none``, ``deflate``, ``lzw``, ``zstd``).
     """
 
@@ -89,7 +90,7 @@ class ChipConfig:
     split_by: str = "auto"
     block_size: int | None = None
     seed: int = 0
-    point_size: float = 1.0
+    point_size: float | None = None
     compress: str = "deflate"
 
     def validate(self) -> None:
@@ -111,8 +112,9 @@ class ChipConfig:
             raise InputError(f"--split-by {self.split_by!r}: choose auto, raster or block.")
         if self.block_size is not None and self.block_size <= 0:
             raise InputError(f"--block-size must be positive, got {self.block_size}.")
-        if self.point_size <= 0:
-            raise InputError(f"--point-size must be positive (metres), got {self.point_size}.")
+        if self.point_size is not None and self.point_size <= 0:
+            raise InputError(f"--point-size must be positive (metres), got {self.point_size}.",
+                             fix="give the typical object width in metres, e.g. --point-size 3.")
 
     @property
     def step(self) -> int:
@@ -318,12 +320,13 @@ def plan_chips(infos: Sequence[RasterInfo], index: LabelIndex, config: ChipConfi
     per_raster = []
     for i, info in enumerate(infos):
         rb = rboxes[i]
-        n_pos = n_neg = 0
+        n_pos = n_neg = n_slivers = 0
         for key, (x1, y1, x2, y2) in regions[i]:
             split = "val" if key in val_units else "train"
             for r in window_offsets(y2 - y1, size, step, y1):
                 for c in window_offsets(x2 - x1, size, step, x1):
                     lab = label_window(rb, c, r, size, size, clip=(x1, y1, x2, y2), min_visible=config.min_visible)
+                    n_slivers += lab.n_slivers
                     spec = ChipSpec(raster=i, window=(c, r, size, size), region=(x1, y1, x2, y2), split=split,
                                     labels=lab)
                     if lab.is_negative:
@@ -333,7 +336,8 @@ def plan_chips(infos: Sequence[RasterInfo], index: LabelIndex, config: ChipConfi
                         positives.append(spec)
                         n_pos += 1
         per_raster.append({"path": info.path, "labels": int(len(rb.boxes)), "windows_with_objects": n_pos,
-                           "windows_background": n_neg, "degenerate_labels": rb.n_degenerate})
+                           "windows_background": n_neg, "degenerate_labels": rb.n_degenerate,
+                           "slivers_dropped": n_slivers})
     specs = positives + _sample_negatives(negatives, positives, config.negative_ratio, rng)
     specs.sort(key=lambda s: (s.raster, s.window[1], s.window[0]))
     return ChipPlan(infos=list(infos), specs=specs, classes=list(index.labels.classes), split_by=split_by,

@@ -23,7 +23,7 @@ which one it holds: :meth:`~_DetectionDataset.targets`, :meth:`~_DetectionDatase
   nodata and padding pixels hold ``fill_values`` (per band, default 0; training sets them to the
   band means so that they normalise to 0).
 * ``target["boxes"]``: FloatTensor ``[N, 4]``, ``[x1, y1, x2, y2]`` in the image's pixel frame
-  (corner convention, :mod:`geonet.georef`), every box with positive width and height.
+  (corner convention, :mod:`geonet.georef`), every box at least 1 px wide and high.
 * ``target["labels"]``: Int64Tensor ``[N]``, class ids ``1..K``.
 * ``target["ignore"]``: FloatTensor ``[M, 4]``, ignore regions in the same frame.
 * ``target["image_id"]``: int.
@@ -54,7 +54,7 @@ from geonet.boxes import xywh_to_xyxy
 from geonet.chip import ChipConfig, ChipPlan, plan_chips, read_chip
 from geonet.errors import InputError
 from geonet.georef import affine_from_list, pixel_boxes_to_polygons, to_crs
-from geonet.labels import LabelIndex
+from geonet.labels import MIN_SIDE_PX, LabelIndex
 from geonet.raster import RasterInfo, RasterSource, describe_raster
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ class _DetectionDataset(Dataset):
             image[:, inv] = torch.as_tensor(fill, dtype=torch.float32)[:, None]
         t = self.targets(i)
         boxes = torch.as_tensor(t.boxes, dtype=torch.float32).reshape(-1, 4)
-        ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        ok = (boxes[:, 2] - boxes[:, 0] >= MIN_SIDE_PX) & (boxes[:, 3] - boxes[:, 1] >= MIN_SIDE_PX)
         target = {"boxes": boxes[ok], "labels": torch.as_tensor(t.labels, dtype=torch.int64)[ok],
                   "ignore": torch.as_tensor(t.ignore, dtype=torch.float32).reshape(-1, 4),
                   "image_id": self.image_id(i)}

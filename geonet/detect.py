@@ -41,7 +41,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 import geonet
-from geonet.atomic import make_dir
+from geonet.atomic import check_writable, make_dir, remove_stale
 from geonet.checkpoint import file_sha256, load_checkpoint
 from geonet.device import autocast_dtype, resolve_device, resolve_precision
 from geonet.errors import GeonetError, InputError
@@ -74,10 +74,14 @@ class DetectConfig:
         merge_iou: IoU of the cross-tile NMS (:class:`geonet.merge.SeamMerger`; default: the NMS IoU).
         resample: resample scenes whose GSD differs from the training GSD by more than 10 %.
         allow_no_crs: accept scenes without a CRS and write pixel coordinates.
-        nodata: nodata value overriding the scene's.
+        nodata: nodata value overriding the scene's (default: the scene's own; a scene without one has
+            none: the training imagery's nodata is never assumed).
+        bands: 1-based bands of the scene to read, in order (default: the bands the model was trained on
+            when the scene has that many bands, or when training chose them with ``--bands``).
         coord_precision: decimals of GeoJSON coordinates.
         preview: PNG path of a preview (several scenes: one PNG beside each output).
         resume: skip scenes whose output exists.
+        overwrite: replace existing outputs (without it or ``resume``, an existing output is an error).
         format: output format when the output is a folder (``geojson``, ``gpkg``, ``shp``).
     """
 
@@ -94,9 +98,11 @@ class DetectConfig:
     resample: bool = True
     allow_no_crs: bool = False
     nodata: float | None = None
+    bands: list[int] | None = None
     coord_precision: int = 7
     preview: str | None = None
     resume: bool = False
+    overwrite: bool = False
     format: str = "geojson"
 
 
@@ -208,17 +214,18 @@ def plan_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig) -
             trained on, an overlap not smaller than the tile.
     """
     ck = det.header
-    bands = ck.bands or None
+    bands = _scene_bands(path, det, cfg)
     try:
-        info = describe_raster(path, bands=bands, nodata=cfg.nodata if cfg.nodata is not None else ck.nodata)
+        info = describe_raster(path, bands=bands, nodata=cfg.nodata)
     except InputError as exc:
         if "--bands" in str(exc):
-            raise InputError(f"the model reads bands {bands} but the scene has fewer bands.", path=path,
-                             fix="detect on imagery with the bands the model was trained on.") from None
+            raise InputError(f"the model reads bands {list(bands or [])} but the scene has fewer bands.", path=path,
+                             fix="detect on imagery with the bands the model was trained on, or pass --bands.") from None
         raise
     if len(info.bands) != det.in_channels:
         raise InputError(f"the scene gives {len(info.bands)} band(s); the model takes {det.in_channels}.", path=path,
-                         fix="detect on imagery with the bands the model was trained on.")
+                         fix=f"pass --bands with {det.in_channels} band number(s), or detect on imagery with the "
+                             "bands the model was trained on.")
     if ck.dtype and info.dtype != ck.dtype:
         raise InputError(f"the scene's dtype is {info.dtype}; the model was trained on {ck.dtype} data, so its "
                          "normalisation would not fit.", path=path,
@@ -268,6 +275,30 @@ def plan_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig) -
                      gsd=frame_gsd, warnings=warnings)
 
 
+def _scene_bands(path, det: Detector, cfg: DetectConfig) -> list[int] | None:
+    """The scene bands to read: ``--bands``; else the model's bands when the scene has as many (all but
+    alpha), or when training chose them with ``--bands``.
+
+    Raises:
+        InputError: the scene has more bands than the model takes and nothing says which to read.
+    """
+    if cfg.bands:
+        return list(cfg.bands)
+    ck = det.header
+    scene = describe_raster(path)
+    if ck.bands is None or len(scene.bands) == len(ck.bands):
+        return ck.bands
+    if ck.bands_chosen:
+        log.info("%s: reading bands %s, as the model was trained", path, ck.bands)
+        return ck.bands
+    if len(scene.bands) > det.in_channels:
+        raise InputError(f"the scene has {len(scene.bands)} bands; the model takes {det.in_channels} (it was trained "
+                         f"on all the bands of {det.in_channels}-band imagery), so which to read is unknown.",
+                         path=path, fix=f"pass --bands with the {det.in_channels} band number(s) that match the "
+                                        "training imagery, e.g. --bands 1,2,3.")
+    return ck.bands
+
+
 class TileReader(torch.utils.data.Dataset):
     """Batches of tiles of one scene, read in DataLoader workers (see module docstring, step 3).
 
@@ -276,8 +307,10 @@ class TileReader(torch.utils.data.Dataset):
         batches: the ``(row, col)`` tiles of each batch (:func:`tile_batches`).
         fill: per-band value of nodata pixels, in the scene's dtype (:func:`fill_values`).
 
-    ``reader[k]`` is ``{"data": Tensor[B, C, tile, tile] (the scene's dtype), "tiles": [(row, col)...] read,
-    "skipped": [(row, col)...] all nodata}``.
+    ``reader[k]`` is ``{"data": Tensor[B, C, tile, tile] (the scene's dtype), "valid": BoolTensor[B, tile, tile]
+    (False on nodata and padding), "tiles": [(row, col)...] read, "skipped": [(row, col)...] all nodata}``,
+    or ``{"error": message}`` when the scene fails to decode (raised by :func:`detect_scene` in the main
+    process, so the message stays one line instead of a worker traceback).
     """
 
     def __init__(self, plan: ScenePlan, batches: list[list[tuple[int, int]]], fill: np.ndarray):
@@ -300,10 +333,16 @@ class TileReader(torch.utils.data.Dataset):
         yield seg
 
     def __getitem__(self, k: int) -> dict:
+        try:
+            return self._read(k)
+        except GeonetError as exc:
+            return {"error": exc}
+
+    def _read(self, k: int) -> dict:
         plan, g = self.plan, self.plan.grid
         info = plan.info
         t = g.tile
-        kept, skipped, arrays = [], [], []
+        kept, skipped, arrays, masks = [], [], [], []
         for seg in self._segments(self.batches[k]):
             r = seg[0][0]
             vx0, vx1 = g.xs[seg[0][1]], g.xs[seg[-1][1]] + t
@@ -333,9 +372,11 @@ class TileReader(torch.utils.data.Dataset):
                 if not v.all():
                     d[:, ~v] = self.fill[:, None]
                 arrays.append(d)
+                masks.append(v)
                 kept.append((rr, cc))
         stack = np.stack(arrays) if arrays else np.zeros((0, len(info.bands), t, t), dtype=info.dtype)
-        return {"data": torch.from_numpy(stack), "tiles": kept, "skipped": skipped}
+        valid = np.stack(masks) if masks else np.zeros((0, t, t), dtype=bool)
+        return {"data": torch.from_numpy(stack), "valid": torch.from_numpy(valid), "tiles": kept, "skipped": skipped}
 
 
 def _reader_init(_worker_id: int) -> None:
@@ -375,6 +416,24 @@ class SceneResult:
     max_boxes_held: int = 0
     preview: str | None = None
     error: str | None = None
+
+
+def _inside(boxes: torch.Tensor, valid: torch.Tensor, grid: TileGrid, r: int, c: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep detections on the scene: ``(keep [N] bool, boxes [N, 4])`` for tile ``(r, c)``'s boxes (tile
+    frame), clipped to the part of the tile inside the frame; kept when the clipped box has an area and
+    its centre pixel is valid (not nodata, not padding beyond the scene's edge).
+
+    ``valid``: BoolTensor[tile, tile] of the tile.
+    """
+    t = grid.tile
+    w, h = min(t, grid.width - grid.xs[c]), min(t, grid.height - grid.ys[r])
+    limit = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+    boxes = torch.minimum(boxes.clamp(min=0), limit)
+    cx = ((boxes[:, 0] + boxes[:, 2]) / 2).long().clamp(0, t - 1)
+    cy = ((boxes[:, 1] + boxes[:, 3]) / 2).long().clamp(0, t - 1)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & valid[cy, cx]
+    return keep, boxes
 
 
 def tile_batches(grid: TileGrid, size: int) -> list[list[tuple[int, int]]]:
@@ -437,8 +496,12 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
         return FeatureBatch(geometries=polys, labels=[det.classes[int(k) - 1] for k in d.labels],
                             class_ids=d.labels, scores=d.scores, scene=scene_name, model=det.model_id)
 
+    batches_in = iter(loader)
+
     def stream() -> Iterator[FeatureBatch]:
-        for item in loader:
+        for item in batches_in:
+            if "error" in item:
+                raise item["error"]
             for (r, c) in item["skipped"]:
                 merger.add(r, c, [], [], [])
             n = len(item["tiles"])
@@ -448,8 +511,10 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
                 if cuda:
                     torch.cuda.synchronize()
                 res.seconds_model += time.perf_counter() - t0
-                for (r, c), o in zip(item["tiles"], outs):
-                    merger.add(r, c, o["boxes"], o["scores"], o["labels"])
+                valid = item["valid"].to(det.device, non_blocking=True)
+                for (r, c), o, v in zip(item["tiles"], outs, valid):
+                    keep, boxes = _inside(o["boxes"], v, grid, r, c)
+                    merger.add(r, c, boxes[keep], o["scores"][keep], o["labels"][keep])
                 if preview is not None:
                     preview.add_tiles(item["data"].numpy(), item["tiles"])
             res.tiles += n
@@ -465,7 +530,15 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
         if len(final):
             yield to_features(final)
 
-    write_features(output, stream(), crs=info.crs_label, metadata=meta, classes=det.classes, precision=cfg.coord_precision)
+    features = stream()
+    try:
+        write_features(output, features, crs=info.crs_label, metadata=meta, classes=det.classes,
+                       precision=cfg.coord_precision)
+    finally:  # a failed writer (full disk, file-size limit) must not leave reader processes behind
+        features.close()
+        shutdown = getattr(batches_in, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
     res.max_boxes_held = merger.max_held
     if preview is not None:
         res.preview = str(preview.save(cfg.preview))
@@ -510,6 +583,7 @@ def resolve_outputs(scenes: Sequence[str], output: str | os.PathLike[str], fmt: 
         raise InputError(f"-o {out}: {len(paths)} scenes need an output folder, not a file.",
                          fix="pass -o OUTDIR/ (a folder).")
     make_dir(out)
+    check_writable(out)
     ext = {"geojson": ".geojson", "gpkg": ".gpkg", "shp": ".shp"}.get(fmt)
     if ext is None:
         raise InputError(f"--format {fmt!r}: choose geojson, gpkg or shp.")
@@ -541,6 +615,13 @@ def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectCon
     det = Detector(cfg.model, device=cfg.device, precision=cfg.amp, score_thresh=cfg.score_thresh, nms_iou=cfg.nms_iou)
     todo, done_before, results = [], 0, []
     plans: dict[int, ScenePlan | GeonetError] = {}
+    existing = [o for o in outs if o.exists()]
+    if existing and not (cfg.resume or cfg.overwrite):
+        raise InputError(f"-o {existing[0]} exists" + (f" ({len(existing)} outputs exist)" if len(existing) > 1 else "")
+                         + ".", fix="pass --overwrite to replace it, --resume to keep finished scenes, or choose "
+                                    "another output.")
+    for o in outs:
+        remove_stale(o)  # temporary files of earlier runs that were killed
     for i, (p, o) in enumerate(zip(paths, outs)):
         if cfg.resume and o.exists():
             done_before += 1

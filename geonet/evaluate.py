@@ -103,12 +103,14 @@ class EvalConfig:
 
     def validate(self) -> None:
         if not 0 < self.iou < 1:
-            raise InputError(f"--iou must be in (0, 1), got {self.iou}.")
+            raise InputError(f"--iou must be in (0, 1), got {self.iou}.", fix="e.g. --iou 0.5 (or 0.4).")
         lo, hi = self.area_bins
         if not 0 < lo < hi:
-            raise InputError(f"--area-bins {lo},{hi}: need 0 < small < medium (square metres).")
+            raise InputError(f"--area-bins {lo:g},{hi:g}: need 0 < small < medium (square metres).",
+                             fix=f"e.g. --area-bins {min(lo, hi):g},{max(lo, hi):g}." if lo > 0 and hi > 0 and lo != hi
+                             else "e.g. --area-bins 10,100.")
         if self.score_thresh is not None and not 0 <= self.score_thresh <= 1:
-            raise InputError(f"--score-thresh must be in [0, 1], got {self.score_thresh}.")
+            raise InputError(f"--score-thresh must be in [0, 1], got {self.score_thresh}.", fix="e.g. --score-thresh 0.3.")
 
 
 def parse_class_map(items: Sequence[str]) -> dict[str, str]:
@@ -197,9 +199,32 @@ def _read_predictions(paths: Sequence[str], cfg: EvalConfig, fixed: CRS | None) 
         ok = layer.ok
         layer.names = (df[cfg.pred_class_field].astype(str).to_numpy()[ok] if cfg.pred_class_field in fields
                        else np.full(int(ok.sum()), "object", dtype=object))
-        layer.scores = df[cfg.score_field].astype(float).to_numpy()[ok]
+        layer.scores = _scores(df[cfg.score_field], p, cfg.score_field)[ok]
         parts.append(layer)
     return _Layer.cat(parts), footprints
+
+
+def _scores(col, path, field: str) -> np.ndarray:
+    """The score column as float64 ``[N]`` in [0, 1].
+
+    Raises:
+        InputError: a null, non-numeric or out-of-range score, naming the field.
+    """
+    import pandas as pd
+
+    values = pd.to_numeric(col, errors="coerce")
+    bad = values.isna() & ~col.isna()
+    if bad.any():
+        raise InputError(f"the score field {field!r} holds non-numeric values (e.g. {col[bad].iloc[0]!r}).", path=path,
+                         fix="pass --score-field with the field that holds numeric detection scores.")
+    if values.isna().any():
+        raise InputError(f"the score field {field!r} is empty for {int(values.isna().sum())} of {len(values)} "
+                         "features.", path=path, fix="give every prediction a score, or pass --score-field.")
+    v = values.to_numpy(dtype=np.float64)
+    if (v < 0).any() or (v > 1).any() or not np.isfinite(v).all():
+        raise InputError(f"the score field {field!r} holds values outside [0, 1] (min {v.min():g}, max {v.max():g}).",
+                         path=path, fix="pass --score-field with the field that holds detection scores in [0, 1].")
+    return v
 
 
 def _geonet_metadata(path, info) -> dict | None:
@@ -649,22 +674,37 @@ def evaluate_model(model: str, imagery: Sequence[str], truth: str, cfg: EvalConf
     """
     from geonet.atomic import make_dir
     from geonet.checkpoint import read_checkpoint
-    from geonet.detect import DetectConfig, detect, resolve_outputs
 
+    cfg.validate()
+    check_output_dir(out_dir, overwrite=overwrite)  # before the detection, not after it
+    header = read_checkpoint(model)[0]
     out = Path(out_dir)
     det_dir = out.parent / (out.name + "-detections")
+    created = not det_dir.exists()
     make_dir(det_dir)
+    try:
+        return _detect_and_evaluate(model, header, imagery, truth, cfg, out_dir, det_dir, overwrite=overwrite,
+                                    show_progress=show_progress)
+    except BaseException:
+        if created and not any(det_dir.iterdir()):
+            det_dir.rmdir()  # nothing detected: leave nothing behind
+        raise
+
+
+def _detect_and_evaluate(model, header, imagery, truth, cfg: EvalConfig, out_dir, det_dir: Path, *, overwrite: bool,
+                         show_progress: bool) -> EvalReport:
+    from geonet.detect import DetectConfig, detect, resolve_outputs
+
     log.info("detecting into %s/", det_dir)
-    header = read_checkpoint(model)[0]
     low = float(header.model_config.score_thresh)
     rep = detect(list(imagery), str(det_dir) + "/", DetectConfig(model=model, format="geojson", resume=not overwrite,
-                                                                 score_thresh=low), show_progress=show_progress)
+                                                                 overwrite=overwrite, score_thresh=low),
+                 show_progress=show_progress)
     if rep.failed:
         raise InputError(f"{rep.failed} scene(s) failed to detect (see above).", fix="fix or leave out those scenes.")
     predictions = [str(o) for o in resolve_outputs(list(imagery), str(det_dir) + "/", "geojson")[1]]
     op = header.operating_point
     if cfg.score_thresh is None and op is not None:
         # precision, recall and F1 where a user of the model gets them: at its own operating point
-        cfg = dataclasses.replace(cfg, score_thresh=op.score_thresh)
-        cfg = dataclasses.replace(cfg, score_source="the model's validation operating point")
+        cfg = dataclasses.replace(cfg, score_thresh=op.score_thresh, score_source="the model's validation operating point")
     return evaluate(predictions, truth, cfg, out_dir, overwrite=overwrite)

@@ -36,7 +36,11 @@ from geonet.raster import RasterInfo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LabelSet", "LabelIndex", "RasterBoxes", "WindowLabels", "read_labels", "label_window", "raster_boxes"]
+#: Boxes narrower or lower than this many pixels are not objects (slivers of a label, or of a chip edge):
+#: they are dropped and counted, never trained on.
+MIN_SIDE_PX = 1.0
+
+__all__ = ["MIN_SIDE_PX", "LabelSet", "LabelIndex", "RasterBoxes", "WindowLabels", "read_labels", "label_window", "raster_boxes"]
 
 
 @dataclass
@@ -174,6 +178,13 @@ def read_labels(path: str | os.PathLike[str], *, layer: str | int | None = None,
         log.info("%s: repaired %d invalid geometr%s with make_valid", p, n_repaired, "y" if n_repaired == 1 else "ies")
     gtypes = shapely.get_type_id(geoms)
     is_point = (gtypes == shapely.GeometryType.POINT) | (gtypes == shapely.GeometryType.MULTIPOINT)
+    is_line = np.isin(gtypes, [shapely.GeometryType.LINESTRING, shapely.GeometryType.LINEARRING,
+                               shapely.GeometryType.MULTILINESTRING])
+    if is_line.any():
+        raise InputError(f"{int(is_line.sum())} of the {len(geoms)} labels are lines, which have no box (a line's "
+                         "envelope is a sliver).", path=path,
+                         fix="digitise the objects as polygons (or points with --point-size), or buffer the lines "
+                             "into polygons first (QGIS: Vector > Geoprocessing Tools > Buffer).")
     return LabelSet(path=str(p), crs=CRS.from_user_input(info["crs"]).to_wkt(), geometries=geoms,
                     class_ids=class_ids, classes=class_list, n_read=n_read, n_empty=n_empty,
                     n_repaired=n_repaired, n_dropped_invalid=n_bad, is_point=is_point)
@@ -200,7 +211,7 @@ class RasterBoxes:
             the raster's edges).
         class_ids: int64 ``[N]`` in ``1..K``.
         label_idx: int64 ``[N]``, index of each box's feature in the :class:`LabelSet`.
-        n_degenerate: labels dropped because their box had zero width or height.
+        n_degenerate: labels dropped because their box is under :data:`MIN_SIDE_PX` wide or high.
     """
 
     boxes: np.ndarray
@@ -230,12 +241,20 @@ class LabelIndex:
 
     Args:
         labels: the labels.
-        point_size: side in metres of the square box given to point labels.
+        point_size: side in metres of the square box given to point labels (required when there are any).
+
+    Raises:
+        InputError: point labels without ``point_size``.
     """
 
-    def __init__(self, labels: LabelSet, *, point_size: float = 1.0):
+    def __init__(self, labels: LabelSet, *, point_size: float | None = None):
+        if point_size is None and len(labels.is_point) and labels.is_point.any():
+            raise InputError(f"{int(labels.is_point.sum())} of the {len(labels)} labels are points, which have no "
+                             "size.", path=labels.path,
+                             fix="pass --point-size METRES (the typical object width) to give each point a square "
+                                 "box, or label the objects as polygons.")
         self.labels = labels
-        self.point_size = float(point_size)
+        self.point_size = None if point_size is None else float(point_size)
         self._by_crs: dict[str, tuple[np.ndarray, shapely.STRtree]] = {}
 
     def _in_crs(self, crs_wkt: str) -> tuple[np.ndarray, shapely.STRtree]:
@@ -278,7 +297,7 @@ def raster_boxes(index: LabelIndex, info: RasterInfo) -> RasterBoxes:
         boxes[pts] = np.column_stack([cx - hw, cy - hh, cx + hw, cy + hh])
     w = boxes[:, 2] - boxes[:, 0]
     h = boxes[:, 3] - boxes[:, 1]
-    ok = (w > 0) & (h > 0) & np.isfinite(boxes).all(axis=1)
+    ok = (w >= MIN_SIDE_PX) & (h >= MIN_SIDE_PX) & np.isfinite(boxes).all(axis=1)
     n_deg = int((~ok).sum())
     return RasterBoxes(boxes=boxes[ok], class_ids=index.labels.class_ids[hits][ok], label_idx=hits[ok],
                        n_degenerate=n_deg)
@@ -294,6 +313,8 @@ class WindowLabels:
         label_idx: int64 ``[N]`` feature index of each target in the :class:`LabelSet`.
         ignore: float64 ``[M, 4]`` ignore regions (clipped parts of boxes below ``min_visible``).
         ignore_class_ids: int64 ``[M]``.
+        n_slivers: visible parts kept by the ``min_visible`` rule but under :data:`MIN_SIDE_PX` on a side,
+            dropped.
     """
 
     boxes: np.ndarray
@@ -301,6 +322,7 @@ class WindowLabels:
     label_idx: np.ndarray
     ignore: np.ndarray
     ignore_class_ids: np.ndarray
+    n_slivers: int = 0
 
     @property
     def is_negative(self) -> bool:
@@ -334,11 +356,14 @@ def label_window(rb: RasterBoxes, col_off: float, row_off: float, width: float, 
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     vis_area = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
     keep = vis_area >= min_visible * area - 1e-9
+    sliver = keep & ((clipped[:, 2] - clipped[:, 0] < MIN_SIDE_PX) | (clipped[:, 3] - clipped[:, 1] < MIN_SIDE_PX))
+    target = keep & ~sliver
     offset = np.array([col_off, row_off, col_off, row_off])
     return WindowLabels(
-        boxes=clipped[keep] - offset,
-        class_ids=rb.class_ids[idx][keep],
-        label_idx=rb.label_idx[idx][keep],
+        boxes=clipped[target] - offset,
+        class_ids=rb.class_ids[idx][target],
+        label_idx=rb.label_idx[idx][target],
         ignore=clipped[~keep] - offset,
         ignore_class_ids=rb.class_ids[idx][~keep],
+        n_slivers=int(sliver.sum()),
     )

@@ -169,7 +169,7 @@ def write_features(path: str | os.PathLike[str], batches: Iterable[FeatureBatch]
 
 def _write_shapefile(out: Path, reader, kw: dict, meta_json: str) -> None:
     """A Shapefile is several files: write them in a temporary folder, then rename each into place."""
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.stem}.tmp-", dir=out.parent))
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.stem}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         target = tmpdir / out.name
         kw = {**kw, "layer": out.stem}

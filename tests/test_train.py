@@ -167,7 +167,7 @@ def test_degenerate_boxes_dropped_and_counted(scenes):
     import shapely
     g = gpd.read_file(labels).to_crs("EPSG:32618")  # the rasters' CRS, so a flat box stays exactly flat
     x, y = g.geometry.iloc[0].centroid.coords[0]
-    line_like = shapely.Polygon([(x, y), (x + 1.0, y), (x + 2.0, y), (x, y)])  # zero height
+    line_like = shapely.box(x, y, x + 2.0, y + 0.05)  # 0.5 px high at 0.1 m: a sliver, not an object
     g2 = gpd.GeoDataFrame(pd.concat([g, gpd.GeoDataFrame({"geometry": [line_like]}, crs=g.crs)]), crs=g.crs)
     p = tmp / "deg.geojson"
     g2.to_file(p)

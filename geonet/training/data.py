@@ -22,7 +22,7 @@ import torch
 from geonet.chip import plan_chips
 from geonet.datasets import ChipDataset, RasterWindowDataset, Targets, load_coco, load_voc
 from geonet.errors import InputError
-from geonet.labels import LabelIndex, read_labels
+from geonet.labels import MIN_SIDE_PX, LabelIndex, read_labels
 from geonet.metrics import coco_annotations
 from geonet.raster import RasterInfo, describe_raster, find_rasters
 from geonet.training.config import TrainConfig
@@ -84,7 +84,7 @@ class TrainData:
         chip_size: window side in pixels.
         val_gt: COCO ground truth of ``val`` (ignore regions as ``iscrowd`` with their class).
         n_train_boxes: object boxes in the training split.
-        n_degenerate: labels dropped because their box had zero width or height.
+        n_degenerate: labels dropped because their box (or its part in a window) is under 1 px on a side.
         box_stats, box_stats_m: training box size percentiles in pixels and metres
             (:func:`geonet.check.box_size_stats`).
         train_boxes: ``[N, 4]`` training boxes in their windows' frames (for anchor fitting).
@@ -172,7 +172,8 @@ def _raster_datasets(cfg: TrainConfig) -> _Sets:
     gsds = [i.gsd for i in infos if i.gsd]
     gsd = [float(np.median([g[0] for g in gsds])), float(np.median([g[1] for g in gsds]))] if gsds else None
     return _Sets(train=RasterWindowDataset(plan, split="train"), val=RasterWindowDataset(plan, split="val"),
-                 classes=list(plan.classes), n_degenerate=sum(r["degenerate_labels"] for r in plan.per_raster),
+                 classes=list(plan.classes),
+                 n_degenerate=sum(r["degenerate_labels"] + r["slivers_dropped"] for r in plan.per_raster),
                  ref=infos[0], gsd=gsd, chip_size=plan.size)
 
 
@@ -195,7 +196,7 @@ def _image_set_datasets(cfg: TrainConfig) -> _Sets:
         tr, va = _split_records(records, cfg.chip.val_fraction, cfg.seed)
     if not tr:
         raise InputError("no training images.", path=d.source)
-    n_degenerate = sum(int(((r.boxes[:, 2] <= r.boxes[:, 0]) | (r.boxes[:, 3] <= r.boxes[:, 1])).sum())
+    n_degenerate = sum(int((~_big_enough(r.boxes)).sum())
                        for r in tr + va)
     train = ChipDataset(tr, classes=classes, bands=d.bands)
     val = ChipDataset(va, classes=classes, bands=d.bands) if va else None
@@ -210,6 +211,12 @@ def _image_set_datasets(cfg: TrainConfig) -> _Sets:
                  chip_size=max(ref.width, ref.height))
 
 
+def _big_enough(boxes: np.ndarray) -> np.ndarray:
+    """``[N]`` mask of boxes at least :data:`geonet.labels.MIN_SIDE_PX` wide and high."""
+    b = np.asarray(boxes).reshape(-1, 4)
+    return (b[:, 2] - b[:, 0] >= MIN_SIDE_PX) & (b[:, 3] - b[:, 1] >= MIN_SIDE_PX)
+
+
 def prepare_data(cfg: TrainConfig) -> TrainData:
     """Build the train and val datasets from the configured source.
 
@@ -222,13 +229,13 @@ def prepare_data(cfg: TrainConfig) -> TrainData:
     sets = (_raster_datasets if cfg.data.imagery else _image_set_datasets)(cfg)
     train, val, ref = sets.train, sets.val, sets.ref
     targets = [train.targets(i) for i in range(len(train))]
-    kept = [t.boxes[(t.boxes[:, 2] > t.boxes[:, 0]) & (t.boxes[:, 3] > t.boxes[:, 1])] for t in targets]
+    kept = [t.boxes[_big_enough(t.boxes)] for t in targets]
     train_boxes = np.concatenate(kept) if kept else np.zeros((0, 4))
     if len(train_boxes) == 0:
         raise InputError("no training labels: the training split holds no object box.", path=cfg.data.source,
                          fix="check that the labels fall on the imagery (geonet check), or lower --split val.")
     if sets.n_degenerate:
-        log.warning("dropped %d degenerate box(es) with zero width or height", sets.n_degenerate)
+        log.warning("dropped %d degenerate box(es) under 1 px wide or high", sets.n_degenerate)
     if val is not None and len(val) == 0:
         val = None
     wh = np.column_stack([train_boxes[:, 2] - train_boxes[:, 0], train_boxes[:, 3] - train_boxes[:, 1]])
