@@ -114,6 +114,8 @@ def check_inputs(rasters: Sequence[str], labels: LabelSet | None, *, bands=None,
                           f"{path}` with the CRS it was produced in.")
         elif info.crs_warning:
             rc.problem = info.crs_warning
+        if rc.problem is None:
+            rc.problem = _probe_blocks(info)
         if rc.problem:
             rep.problems.append(f"{path}: {rc.problem}")
         infos.append(info)
@@ -144,7 +146,7 @@ def check_inputs(rasters: Sequence[str], labels: LabelSet | None, *, bands=None,
             wh_m.append(wh[new] * np.array(info.gsd))
             cls.append(rb.class_ids[new])
     rep.labels_outside = len(labels) - len(inside)
-    if wh_px:
+    if wh_m:
         rep.box_px = box_size_stats(np.concatenate(wh_px))
         rep.box_m = box_size_stats(np.concatenate(wh_m))
         ids, counts = np.unique(np.concatenate(cls), return_counts=True)
@@ -157,6 +159,26 @@ def check_inputs(rasters: Sequence[str], labels: LabelSet | None, *, bands=None,
     elif rep.labels_outside:
         log.info("%d of %d labels fall on no raster", rep.labels_outside, len(labels))
     return rep
+
+
+def _probe_blocks(info: RasterInfo) -> str | None:
+    """Read the first, a middle and the last block of the selected bands; a problem line when GDAL fails
+    (a truncated or corrupt file whose header still reads)."""
+    from rasterio.windows import Window
+
+    from geonet.raster import RasterSource
+
+    bh, bw = info.block_shape
+    rows, cols = -(-info.height // bh), -(-info.width // bw)
+    src = RasterSource(info)
+    try:
+        for r, c in {(0, 0), (rows // 2, cols // 2), (rows - 1, cols - 1)}:
+            src.read(Window(c * bw, r * bh, min(bw, info.width - c * bw), min(bh, info.height - r * bh)))
+    except GeonetError as exc:
+        return f"{str(exc).split(': ', 1)[-1]}"
+    finally:
+        src.close()
+    return None
 
 
 def _short_crs(wkt: str) -> str:

@@ -122,10 +122,18 @@ class ChipConfig:
         return self.stride if self.stride is not None else self.size
 
     def resolved(self, infos: Sequence[RasterInfo]) -> ChipConfig:
-        """A copy with the chip size decided for ``infos`` (see ``size``)."""
-        if self.size is not None:
-            return self
+        """A copy with the chip size decided for ``infos`` (see ``size``).
+
+        Raises:
+            InputError: a given size above twice the longest raster side (and above :data:`DEFAULT_SIZE`).
+        """
         longest = max((max(i.width, i.height) for i in infos), default=DEFAULT_SIZE)
+        if self.size is not None:
+            if self.size > max(DEFAULT_SIZE, 2 * longest):  # a chip of mostly padding, and gigabytes of it
+                raise InputError(f"--size {self.size} px is far larger than the largest raster ({longest} px).",
+                                 fix=f"use --size {min(DEFAULT_SIZE, longest)} (or up to {max(DEFAULT_SIZE, 2 * longest)}), "
+                                     "or leave it out.")
+            return self
         size = min(DEFAULT_SIZE, longest)
         return dataclasses.replace(self, size=size, stride=None if self.stride is None else min(self.stride, size))
 
@@ -450,6 +458,11 @@ def write_chips(plan: ChipPlan, out_dir: str | os.PathLike[str], config: ChipCon
                 report.chips_train += 1
         for s in sources:
             s.close()
+        if report.chips == 0:
+            raise InputError(f"every window with labels is nodata ({report.skipped_nodata} skipped), so no chip was "
+                             "written.", path=plan.infos[0].path if len(plan.infos) == 1 else None,
+                             fix="check the rasters' nodata value (or pass --nodata) and --bands; `geonet check` "
+                                 "shows both.")
         info_block = {"geonet_version": geonet.__version__, "chip_config": {**asdict(config), "size": plan.size},
                       "bands": list(plan.infos[0].bands) if plan.infos else [], "split_by": plan.split_by,
                       **(extra_info or {})}

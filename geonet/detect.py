@@ -44,7 +44,7 @@ import geonet
 from geonet.atomic import check_writable, make_dir, remove_stale
 from geonet.checkpoint import file_sha256, load_checkpoint
 from geonet.device import autocast_dtype, resolve_device, resolve_precision
-from geonet.errors import GeonetError, InputError
+from geonet.errors import GeonetError, InputError, RunError
 from geonet.georef import pixel_boxes_to_polygons
 from geonet.merge import Detections, SeamMerger
 from geonet.preview import PreviewCanvas
@@ -106,6 +106,19 @@ class DetectConfig:
     format: str = "geojson"
 
 
+def _check_config(cfg: DetectConfig) -> None:
+    """Raise :class:`InputError` for out-of-range options (before the model is loaded)."""
+    for name, v, lo in (("--tile", cfg.tile, 32), ("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0)):
+        if v is not None and v < lo:
+            raise InputError(f"{name} must be >= {lo}, got {v}.", fix=f"e.g. {name} {max(lo, 2)}, or leave it out.")
+    for name, v in (("--score-thresh", cfg.score_thresh), ("--nms-iou", cfg.nms_iou), ("--merge-iou", cfg.merge_iou)):
+        if v is not None and not 0 <= v <= 1:
+            raise InputError(f"{name} must be in [0, 1], got {v}.", fix=f"e.g. {name} 0.5, or leave it out.")
+    if cfg.coord_precision < 0:
+        raise InputError(f"--precision must be >= 0, got {cfg.coord_precision}.", fix="e.g. --precision 7.")
+    parse_overlap(cfg.overlap)
+
+
 def parse_overlap(value: str | float | None) -> tuple[float, str] | None:
     """``"64"``/``"64px"`` -> ``(64, "px")``, ``"6m"`` -> ``(6, "m")``.
 
@@ -118,7 +131,8 @@ def parse_overlap(value: str | float | None) -> tuple[float, str] | None:
         return float(value), "px"
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(px|m)?\s*", str(value))
     if not m:
-        raise InputError(f"--overlap {value!r}: give pixels (64 or 64px) or metres (6m).")
+        raise InputError(f"--overlap {value!r}: give pixels (64 or 64px) or metres (6m).",
+                         fix="e.g. --overlap 64 or --overlap 6m.")
     return float(m.group(1)), m.group(2) or "px"
 
 
@@ -234,6 +248,11 @@ def plan_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig) -
         raise InputError("the scene has no CRS, so detections cannot be placed on a map.", path=path,
                          fix="assign one with `gdal_edit.py -a_srs EPSG:XXXX`, or pass --allow-no-crs to write "
                              "pixel coordinates.")
+    if info.crs is not None and not info.georeferenced and not cfg.allow_no_crs:
+        raise InputError("the scene has a CRS but no geotransform (pixel size and origin), so detections cannot be "
+                         "placed on a map.", path=path,
+                         fix="georeference it (e.g. `gdal_edit.py -a_ullr ULX ULY LRX LRY`), or pass --allow-no-crs "
+                             "to write pixel coordinates.")
     warnings = []
     train_gsd = ck.train_gsd
     scene_gsd = info.gsd_mean
@@ -307,10 +326,12 @@ class TileReader(torch.utils.data.Dataset):
         batches: the ``(row, col)`` tiles of each batch (:func:`tile_batches`).
         fill: per-band value of nodata pixels, in the scene's dtype (:func:`fill_values`).
 
-    ``reader[k]`` is ``{"data": Tensor[B, C, tile, tile] (the scene's dtype), "valid": BoolTensor[B, tile, tile]
+    ``reader[k]`` is ``{"data": ndarray[B, C, tile, tile] (the scene's dtype), "valid": bool ndarray[B, tile, tile]
     (False on nodata and padding), "tiles": [(row, col)...] read, "skipped": [(row, col)...] all nodata}``,
-    or ``{"error": message}`` when the scene fails to decode (raised by :func:`detect_scene` in the main
-    process, so the message stays one line instead of a worker traceback).
+    or ``{"error": GeonetError}`` when the scene fails to decode (raised by :func:`detect_scene` in the main
+    process, so the message stays one line instead of a worker traceback). Arrays travel from the
+    workers through the pipe as numpy (:func:`_as_is`), not as torch tensors in shared-memory files, which
+    a file-size limit or a full ``/dev/shm`` breaks without an error reaching the main process.
     """
 
     def __init__(self, plan: ScenePlan, batches: list[list[tuple[int, int]]], fill: np.ndarray):
@@ -376,7 +397,7 @@ class TileReader(torch.utils.data.Dataset):
                 kept.append((rr, cc))
         stack = np.stack(arrays) if arrays else np.zeros((0, len(info.bands), t, t), dtype=info.dtype)
         valid = np.stack(masks) if masks else np.zeros((0, t, t), dtype=bool)
-        return {"data": torch.from_numpy(stack), "valid": torch.from_numpy(valid), "tiles": kept, "skipped": skipped}
+        return {"data": stack, "valid": valid, "tiles": kept, "skipped": skipped}
 
 
 def _reader_init(_worker_id: int) -> None:
@@ -389,6 +410,13 @@ def _reader_init(_worker_id: int) -> None:
 
 #: GDAL block cache of each reader worker, in MiB.
 READER_CACHE_MB = 128
+#: Seconds without a batch from the readers before detection fails (a reader that cannot deliver).
+READER_TIMEOUT_S = 300
+
+
+def _as_is(item):
+    """DataLoader collate that leaves the reader's numpy arrays as they are (see :class:`TileReader`)."""
+    return item
 
 
 def fill_values(det: Detector, dtype: str) -> np.ndarray:
@@ -470,8 +498,9 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
     batches = tile_batches(grid, bs)
     dataset = TileReader(plan, batches, fill_values(det, info.dtype))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                         pin_memory=cuda, prefetch_factor=4 if workers else None,
-                                         persistent_workers=False, worker_init_fn=_reader_init)
+                                         collate_fn=_as_is, prefetch_factor=4 if workers else None,
+                                         persistent_workers=False, worker_init_fn=_reader_init,
+                                         timeout=READER_TIMEOUT_S if workers else 0)
     merge_iou = cfg.merge_iou if cfg.merge_iou is not None else det.nms_iou
     merger = SeamMerger(grid, iou_threshold=merge_iou, device=det.device)
     preview = PreviewCanvas(grid, info) if cfg.preview else None
@@ -498,8 +527,15 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
 
     batches_in = iter(loader)
 
+    def batches():
+        try:
+            yield from batches_in
+        except RuntimeError as exc:  # the DataLoader's own failures: a reader died or timed out
+            raise RunError(f"reading the scene failed ({' '.join(str(exc).split())[:200]}).", path=path,
+                           fix="check the file (`geonet check`), free memory or /dev/shm, or pass --workers 0.") from None
+
     def stream() -> Iterator[FeatureBatch]:
-        for item in batches_in:
+        for item in batches():
             if "error" in item:
                 raise item["error"]
             for (r, c) in item["skipped"]:
@@ -507,16 +543,17 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
             n = len(item["tiles"])
             if n:
                 t0 = time.perf_counter()
-                outs = det(item["data"])
+                data = torch.from_numpy(item["data"])
+                outs = det(data.pin_memory() if cuda else data)
                 if cuda:
                     torch.cuda.synchronize()
                 res.seconds_model += time.perf_counter() - t0
-                valid = item["valid"].to(det.device, non_blocking=True)
+                valid = torch.from_numpy(item["valid"]).to(det.device)
                 for (r, c), o, v in zip(item["tiles"], outs, valid):
                     keep, boxes = _inside(o["boxes"], v, grid, r, c)
                     merger.add(r, c, boxes[keep], o["scores"][keep], o["labels"][keep])
                 if preview is not None:
-                    preview.add_tiles(item["data"].numpy(), item["tiles"])
+                    preview.add_tiles(item["data"], item["tiles"])
             res.tiles += n
             res.tiles_skipped += len(item["skipped"])
             if progress is not None:
@@ -611,6 +648,7 @@ def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectCon
     from tqdm import tqdm
 
     t0 = time.perf_counter()
+    _check_config(cfg)
     paths, outs = resolve_outputs(scenes, output, cfg.format)
     det = Detector(cfg.model, device=cfg.device, precision=cfg.amp, score_thresh=cfg.score_thresh, nms_iou=cfg.nms_iou)
     todo, done_before, results = [], 0, []

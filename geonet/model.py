@@ -132,9 +132,12 @@ class ModelConfig:
         for name in ("anchor_sizes", "anchor_scales", "anchor_ratios"):
             vals = getattr(self, name)
             if not vals or min(vals) <= 0:
-                raise InputError(f"--{name.replace('_', '-')} must be positive numbers, got {list(vals)}.")
+                raise InputError(f"--{name.replace('_', '-')} must be positive numbers, got {list(vals)}.",
+                                 fix=f"e.g. --{name.replace('_', '-')} "
+                                     f"{','.join(f'{v:g}' for v in getattr(ModelConfig, name))}.")
         if not 0 <= self.bg_iou <= self.fg_iou <= 1:
-            raise InputError(f"matcher IoUs must satisfy 0 <= bg ({self.bg_iou}) <= fg ({self.fg_iou}) <= 1.")
+            raise InputError(f"matcher IoUs must satisfy 0 <= bg ({self.bg_iou}) <= fg ({self.fg_iou}) <= 1.",
+                             fix="e.g. --fg-iou 0.5 --bg-iou 0.4.")
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise InputError(f"normalisation stats have {len(self.mean)} bands but the model takes "
                              f"{self.in_channels}.")

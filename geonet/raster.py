@@ -143,6 +143,12 @@ class RasterInfo:
         return None if self.gsd is None else float(np.sqrt(self.gsd[0] * self.gsd[1]))
 
     @property
+    def georeferenced(self) -> bool:
+        """A CRS and a geotransform (GDAL gives the identity transform to a raster without one)."""
+        t = self.transform
+        return self.crs is not None and not (t.is_identity or (t.a == 1 and t.e == 1 and t.c == 0 and t.f == 0))
+
+    @property
     def crs_label(self) -> str | None:
         """``"EPSG:n"`` when the CRS has an EPSG code, else its WKT (``None`` without a CRS)."""
         if self.crs is None:

@@ -39,7 +39,7 @@ import pyogrio
 import shapely
 
 from geonet.atomic import atomic_file, make_parent
-from geonet.errors import InputError
+from geonet.errors import InputError, RunError
 from geonet.georef import to_crs
 
 __all__ = ["FORMATS", "output_format", "FeatureBatch", "write_features", "qml_style"]
@@ -158,13 +158,23 @@ def write_features(path: str | os.PathLike[str], batches: Iterable[FeatureBatch]
                 pyogrio.write_arrow(reader, tmp, **kw)
                 if driver == "GPKG":
                     embed_style(tmp, out.stem, qml)
-    except Exception:
+    except Exception as exc:
         if failure:  # the producer's own error (a corrupt block, Ctrl-C), not Arrow's wrapper
             raise failure[0] from None
-        raise
-    with atomic_file(out.with_suffix(".qml")) as tmp:
-        tmp.write_text(qml)
+        raise _write_error(out, exc) from None
+    try:
+        with atomic_file(out.with_suffix(".qml")) as tmp:
+            tmp.write_text(qml)
+    except OSError as exc:
+        raise _write_error(out.with_suffix(".qml"), exc) from None
     return count
+
+
+def _write_error(out: Path, exc: Exception) -> RunError:
+    """A one-line error for an output that could not be written (full disk, file-size limit, I/O error)."""
+    return RunError(f"-o {out}: writing failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); nothing was "
+                    "written there.", fix="check the free space and any file-size limit (ulimit -f), or write "
+                                          "elsewhere.")
 
 
 def _write_shapefile(out: Path, reader, kw: dict, meta_json: str) -> None:

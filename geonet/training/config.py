@@ -70,9 +70,11 @@ class DataConfig:
     def validate(self) -> None:
         sources = sum(bool(x) for x in (self.imagery, self.chips, self.coco, self.voc))
         if sources == 0:
-            raise InputError("no training data: pass --imagery with --labels, or --chips, --coco or --voc.")
+            raise InputError("no training data: pass --imagery with --labels, or --chips, --coco or --voc.",
+                             fix="e.g. --imagery tiles/ --labels labels.gpkg.")
         if sources > 1:
-            raise InputError("pass only one data source: --imagery/--labels, --chips, --coco or --voc.")
+            raise InputError("pass only one data source: --imagery/--labels, --chips, --coco or --voc.",
+                             fix="keep one of them.")
         if self.imagery and not self.labels:
             raise InputError("--imagery needs --labels (a vector file of the objects).",
                              fix="add --labels FILE.shp|.geojson|.gpkg.")

@@ -195,7 +195,8 @@ def _image_set_datasets(cfg: TrainConfig) -> _Sets:
         records, classes = load_voc(d.voc)
         tr, va = _split_records(records, cfg.chip.val_fraction, cfg.seed)
     if not tr:
-        raise InputError("no training images.", path=d.source)
+        raise InputError("no training images.", path=d.source,
+                         fix="point it at a `geonet chip` folder (or COCO/VOC set) that holds images.")
     n_degenerate = sum(int((~_big_enough(r.boxes)).sum())
                        for r in tr + va)
     train = ChipDataset(tr, classes=classes, bands=d.bands)

@@ -89,9 +89,19 @@ def check_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
     """
     run = Path(cfg.output)
     if resume:
-        if not (run / "last.ckpt").exists():
+        ckpt = run / "last.ckpt"
+        if not ckpt.exists():
             raise InputError(f"--resume: {run} holds no last.ckpt to resume from.",
                              fix="pass the run folder of an earlier `geonet train -o`.")
+        try:  # weights_only: a file from elsewhere cannot run code
+            state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise InputError(f"--resume: is not a training checkpoint that loads with weights_only=True "
+                             f"({type(exc).__name__}).", path=ckpt,
+                             fix="resume a run folder that `geonet train` wrote, or start a new run.") from None
+        if not isinstance(state, dict) or "state_dict" not in state or "epoch" not in state:
+            raise InputError("--resume: is not a Lightning training checkpoint.", path=ckpt,
+                             fix="resume a run folder that `geonet train` wrote, or start a new run.")
         return run
     if run.exists() and any(run.iterdir()):
         if not overwrite:
