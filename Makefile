@@ -25,15 +25,16 @@ demo: $(STAMP)
 	$(BIN)/geonet chip --imagery $(SAMPLE) --labels $(SAMPLE_LABELS) --class-field label -o $(DEMO)/chips \
 		--size 128 --stride 64 --split val=0.25 --split-by block --preview 4 --overwrite
 	-$(BIN)/python examples/fetch_weights.py $(WEIGHTS)
-	$(BIN)/geonet train --chips $(DEMO)/chips -o $(DEMO)/run --backbone mobilenet_v2 \
+	$(BIN)/geonet train --chips $(DEMO)/chips -o $(DEMO)/run \
 		--weights $$(if [ -f $(WEIGHTS) ]; then echo $(WEIGHTS); else echo none; fi) \
-		--fit-anchors --epochs 30 --batch-size 4 --overwrite --no-progress
+		--steps 300 --overwrite --no-progress
 	$(BIN)/geonet detect $(SAMPLE) -m $(DEMO)/run/best.pt -o $(DEMO)/trees.geojson --preview $(DEMO)/trees.png \
-		--no-progress
+		--overwrite --no-progress
 	$(BIN)/geonet evaluate --model $(DEMO)/run/best.pt --imagery $(SAMPLE) --truth $(SAMPLE_LABELS) --iou 0.4 \
-		-o $(DEMO)/report --overwrite
+		--aoi $(DEMO)/run/val_area.geojson -o $(DEMO)/report --overwrite
 	@echo "demo: chips and previews in $(DEMO)/chips, run in $(DEMO)/run, detections $(DEMO)/trees.geojson" \
-		"(open it in QGIS over $(SAMPLE)), preview $(DEMO)/trees.png, report $(DEMO)/report/report.md"
+		"(open it in QGIS over $(SAMPLE)), preview $(DEMO)/trees.png, report $(DEMO)/report/report.md" \
+		"(scored on the validation blocks only: ground the model did not train on)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

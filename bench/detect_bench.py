@@ -69,12 +69,12 @@ def throughput(args, tmp: Path) -> dict:
     scene = synthetic_scene(tmp / "scene.tif", args.size, args.size)
     ck = heavy_checkpoint(tmp / "model.pt", args.backbone)
     det = Detector(ck, precision=args.amp)
-    cfg = DetectConfig(model=str(ck), batch_size=args.batch_size, workers=args.workers, amp=args.amp)
+    cfg = DetectConfig(model=str(ck), batch_size=args.batch_size, workers=args.workers, amp=args.amp, tile=args.tile)
     plan = plan_scene(scene, det, cfg)
     bs = args.batch_size or (16 if det.device.type == "cuda" else 2)
     ds = TileReader(plan, tile_batches(plan.grid, bs), fill_values(det, plan.info.dtype))
     n_b = min(len(ds), args.model_batches)
-    batches = [ds[k]["data"] for k in range(n_b)]
+    batches = [torch.from_numpy(ds[k]["data"]) for k in range(n_b)]
     if det.device.type == "cuda":
         batches = [b.pin_memory() for b in batches]
     for b in batches[:2]:  # warm-up (cudnn autotune, allocator)
@@ -127,6 +127,7 @@ def rss_child(size: int, mode: str, backbone: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--tile", type=int, default=None, help="detection tile side [default: geonet's]")
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None)

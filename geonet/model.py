@@ -266,6 +266,19 @@ def anchor_generator(cfg: ModelConfig) -> GeoAnchorGenerator:
     return GeoAnchorGenerator(sizes, ratios)
 
 
+class FP32LastLevelP6P7(LastLevelP6P7):
+    """torchvision's P6/P7 block (3x3 stride-2 convs on C5 or P5, then on ReLU(P6)), run in fp32 under autocast.
+
+    The maps are tiny (P7 is 1 x 1 for a 128 px input), so fp32 costs nothing; in bf16 on the CPU the
+    weight gradient of a stride-2 3x3 conv on a 1 x 1 map came out NaN (oneDNN; seen training 64-128 px
+    chips from scratch), which poisoned the whole model through gradient clipping.
+    """
+
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]):
+        with torch.autocast(p[-1].device.type, enabled=False):  # only the last level is read
+            return super().forward(p[:-1] + [p[-1].float()], c[:-1] + [c[-1].float()], names)
+
+
 class GeoTransform(GeneralizedRCNNTransform):
     """GeneralizedRCNNTransform without resizing, normalising with the data's own band statistics.
 
@@ -530,7 +543,7 @@ def _mobilenet_fpn(body: nn.Module, trainable_layers: int, extra_from_c5: bool, 
             for p in b.parameters():
                 p.requires_grad_(False)
     channels = [features[i].out_channels for i in levels]
-    extra = LastLevelP6P7(channels[-1] if extra_from_c5 else 256, 256)
+    extra = FP32LastLevelP6P7(channels[-1] if extra_from_c5 else 256, 256)
     return BackboneWithFPN(features, {str(c): str(k) for k, c in enumerate(levels)}, channels, 256,
                            extra_blocks=extra)
 
@@ -579,7 +592,7 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
         layers = 5  # the adapted first conv must learn
     if spec.family == "resnet":
         c5 = body.fc.in_features
-        extra = LastLevelP6P7(c5 if cfg.p6_from == "c5" else 256, 256)
+        extra = FP32LastLevelP6P7(c5 if cfg.p6_from == "c5" else 256, 256)
         returned = [1, 2, 3, 4] if p2 else [2, 3, 4]
         backbone = _resnet_fpn_extractor(body, layers, returned_layers=returned, extra_blocks=extra)
     else:

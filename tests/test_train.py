@@ -393,3 +393,20 @@ def test_validation_ignore_regions_keep_their_class(tmp_path):
             {"image_id": 1, "category_id": 2, "bbox": [50, 2, 14, 8], "score": 0.95}]  # on the truck ignore region
     m = coco_metrics(gt, dets)
     assert m["per_class"]["truck"]["AP50"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_bf16_training_on_small_chips_stays_finite(tmp_path):
+    """bf16 on the CPU gave NaN weight gradients in the P7 conv on 1 x 1 maps (64-128 px chips) by step ~28;
+    the P6/P7 block now runs in fp32."""
+    import torch as _torch
+
+    from geonet.device import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("no native bf16 on this CPU")
+    rasters, labels = _scenes(tmp_path, n=10, size=128, min_side=10, max_side=24)
+    res = train(_cfg(tmp_path, rasters, labels, amp="bf16", epochs=None, steps=60, limit_train_batches=None),
+                progress=False)
+    _, state = read_checkpoint(Path(res.run_dir) / "last.pt")
+    assert all(_torch.isfinite(v.float()).all() for v in state.values())

@@ -1,0 +1,56 @@
+"""CUDA: the GPU path gives the CPU path's detections, and trains. Skipped without a CUDA device (CI has none);
+``bench/gpu.sh`` runs these on a GPU machine."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.cuda
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+@cuda
+@pytest.mark.parametrize("amp", ["32", "bf16"])
+def test_cuda_detections_match_cpu(tmp_path, amp):
+    from common import random_checkpoint
+
+    from geonet.detect import Detector
+    from torchvision.ops import box_iou
+
+    ck = random_checkpoint(tmp_path / "m.pt", backbone="resnet18", chip=256, score_thresh=0.3)
+    x = torch.randint(0, 255, (4, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cpu = Detector(ck, device="cpu", precision="32")(x)
+    gpu = Detector(ck, device="cuda", precision=amp)(x)
+    for a, b in zip(cpu, gpu):
+        b = {k: v.cpu() for k, v in b.items()}
+        if amp == "32":
+            assert len(a["boxes"]) == len(b["boxes"])
+            assert torch.allclose(a["boxes"], b["boxes"], atol=1e-2) and torch.allclose(a["scores"], b["scores"], atol=1e-3)
+        elif len(a["boxes"]):
+            best = box_iou(a["boxes"], b["boxes"]).max(dim=1).values if len(b["boxes"]) else torch.zeros(len(a["boxes"]))
+            assert (best > 0.9).float().mean() > 0.9  # bf16: the same boxes, within its tolerance
+
+
+@cuda
+def test_cuda_training_steps(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_train import _cfg, _scenes
+
+    from geonet.training import train
+
+    rasters, labels = _scenes(tmp_path, n=10, size=128, min_side=10, max_side=24)
+    res = train(_cfg(tmp_path, rasters, labels, device="cuda", amp="bf16"), progress=False)
+    assert res.device == "cuda" and res.precision == "bf16" and np.isfinite(res.last_metrics.get("AP", 0.0))
+
+
+@pytest.mark.slow
+def test_gpu_bench_dry_run():
+    """bench/gpu.sh's code path, at toy sizes on the CPU."""
+    import gpu_bench
+
+    gpu_bench.main(["--dry-run", "--workers", "0"])
