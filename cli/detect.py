@@ -9,6 +9,7 @@ from geonet.detect import DetectConfig
 from geonet.detect import detect as run_detection
 from geonet.device import AMP_CHOICES, DEVICE_CHOICES
 from geonet.errors import RunError
+from geonet.write import FORMAT_EXTENSIONS
 
 D = DetectConfig(model="")
 
@@ -17,8 +18,8 @@ D = DetectConfig(model="")
 @click.argument("scenes", nargs=-1, required=True, metavar="SCENE...")
 @click.option("-m", "--model", required=True, metavar="CKPT", help="Checkpoint from `geonet train` (best.pt).")
 @click.option("-o", "--output", required=True, metavar="FILE|DIR/",
-              help="out.geojson / .gpkg / .shp for one scene; an existing folder for several.")
-@click.option("--format", "format", type=click.Choice(["geojson", "gpkg", "shp"]), default=None,
+              help="out.geojson / .gpkg / .shp / .fgb / .parquet for one scene; an existing folder for several.")
+@click.option("--format", "format", type=click.Choice(list(FORMAT_EXTENSIONS)), default=None,
               show_default=D.format, help="Output format when -o is a folder.")
 @click.option("--tile", type=int, default=None, help="Tile side in pixels [default: the checkpoint's chip size].")
 @click.option("--overlap", default=None, metavar="PX|Nm",

@@ -50,7 +50,7 @@ from geonet.merge import Detections, SeamMerger
 from geonet.preview import PreviewCanvas
 from geonet.raster import RasterInfo, RasterSource, describe_raster, find_rasters
 from geonet.tiling import TileGrid
-from geonet.write import FeatureBatch, output_format, write_features
+from geonet.write import FORMAT_EXTENSIONS, FORMATS, FeatureBatch, output_format, write_features
 
 log = logging.getLogger(__name__)
 
@@ -478,7 +478,7 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
         path: the scene.
         det: the detector.
         cfg: options.
-        output: ``.geojson``, ``.gpkg`` or ``.shp`` path.
+        output: ``.geojson``, ``.gpkg``, ``.shp``, ``.fgb`` or ``.parquet`` path.
         plan: the scene's plan, if already made.
         progress: a tqdm bar to advance by tiles.
 
@@ -616,14 +616,14 @@ def resolve_outputs(scenes: Sequence[str], output: str | os.PathLike[str], fmt: 
     if not as_dir:
         output_format(out)
         return paths, [out]
-    if out.suffix.lower() in (".geojson", ".gpkg", ".shp", ".json") and not out.is_dir():
+    if out.suffix.lower() in FORMATS and not out.is_dir():
         raise InputError(f"-o {out}: {len(paths)} scenes need an output folder, not a file.",
                          fix="pass -o OUTDIR/ (a folder).")
     make_dir(out)
     check_writable(out)
-    ext = {"geojson": ".geojson", "gpkg": ".gpkg", "shp": ".shp"}.get(fmt)
+    ext = FORMAT_EXTENSIONS.get(fmt)
     if ext is None:
-        raise InputError(f"--format {fmt!r}: choose geojson, gpkg or shp.")
+        raise InputError(f"--format {fmt!r}: choose {', '.join(FORMAT_EXTENSIONS)}.", fix="e.g. --format gpkg.")
     outs = [out / (p.stem + ext) for p in paths]
     stems = [o.name for o in outs]
     dup = sorted({s for s in stems if stems.count(s) > 1})

@@ -176,7 +176,7 @@ def _read_predictions(paths: Sequence[str], cfg: EvalConfig, fixed: CRS | None) 
         if not Path(p).exists():
             raise InputError("no such predictions file.", path=p, fix="check the path.")
         try:
-            info = pyogrio.read_info(p)
+            info, frame = _vector_info(p)
         except Exception as exc:
             raise InputError(f"is not a vector file OGR can read ({' '.join(str(exc).split())[:120]}).", path=p,
                              fix="pass the output of `geonet detect` or another OGR file with a score field.") from None
@@ -194,7 +194,7 @@ def _read_predictions(paths: Sequence[str], cfg: EvalConfig, fixed: CRS | None) 
         if info["crs"] is None:
             raise InputError("the predictions have no CRS.", path=p, fix="assign one with ogr2ogr -a_srs.")
         cols = [cfg.score_field] + ([cfg.pred_class_field] if cfg.pred_class_field in fields else [])
-        df = pyogrio.read_dataframe(p, columns=cols)
+        df = frame if frame is not None else pyogrio.read_dataframe(p, columns=cols)
         layer = _to_metric(df.geometry.values, info["crs"], fixed)
         ok = layer.ok
         layer.names = (df[cfg.pred_class_field].astype(str).to_numpy()[ok] if cfg.pred_class_field in fields
@@ -202,6 +202,22 @@ def _read_predictions(paths: Sequence[str], cfg: EvalConfig, fixed: CRS | None) 
         layer.scores = _scores(df[cfg.score_field], p, cfg.score_field)[ok]
         parts.append(layer)
     return _Layer.cat(parts), footprints
+
+
+def _vector_info(path):
+    """``(pyogrio.read_info-like dict, GeoDataFrame or None)``; GeoParquet is read with geopandas (the GDAL
+    here has no Parquet driver), everything else with OGR."""
+    if str(path).lower().endswith(".parquet"):
+        import geopandas as gpd
+        import pyarrow.parquet as pq
+
+        df = gpd.read_parquet(path)
+        meta = (pq.read_schema(path).metadata or {}).get(b"geonet")
+        info = {"fields": [c for c in df.columns if c != df.geometry.name], "features": len(df),
+                "crs": df.crs.to_wkt() if df.crs is not None else None,
+                "layer_metadata": {"geonet": meta.decode()} if meta else {}}
+        return info, df
+    return pyogrio.read_info(path), None
 
 
 def _scores(col, path, field: str) -> np.ndarray:
@@ -238,6 +254,11 @@ def _geonet_metadata(path, info) -> dict | None:
             if start >= 0:
                 obj, _ = json.JSONDecoder().raw_decode(head[head.index("{", start):])
                 meta = obj
+        except (OSError, ValueError):
+            meta = None
+    elif Path(path).with_suffix(".geonet.json").exists():  # Shapefile and FlatGeobuf sidecar
+        try:
+            meta = json.loads(Path(path).with_suffix(".geonet.json").read_text())
         except (OSError, ValueError):
             meta = None
     else:

@@ -11,6 +11,10 @@ scene is rotated; see :mod:`geonet.georef`).
 * ``.gpkg``: the scene's native CRS; provenance in the layer metadata (``gpkg_metadata``); the QGIS
   style embedded in the ``layer_styles`` table as QGIS writes it, so the layer opens styled.
 * ``.shp``: native CRS; provenance in a ``.geonet.json`` sidecar.
+* ``.fgb`` (FlatGeobuf, through OGR): native CRS; provenance in a ``.geonet.json`` sidecar.
+* ``.parquet`` (GeoParquet 1.0): native CRS as PROJJSON in the ``geo`` file metadata, WKB geometry, written
+  batch by batch with pyarrow's ``ParquetWriter`` (the GDAL here has no Parquet driver); provenance in the file
+  metadata under ``geonet``. geopandas (``read_parquet``), GDAL >= 3.5 and QGIS with it read it.
 
 Every format also gets a sidecar ``.qml`` (QGIS style: outlines graduated by score, labelled by
 class). Files appear atomically: a temporary sibling is written, then renamed over the output.
@@ -42,10 +46,13 @@ from geonet.atomic import atomic_file, make_parent
 from geonet.errors import InputError, RunError
 from geonet.georef import to_crs
 
-__all__ = ["FORMATS", "output_format", "FeatureBatch", "write_features", "qml_style"]
+__all__ = ["FORMATS", "FORMAT_EXTENSIONS", "output_format", "FeatureBatch", "write_features", "qml_style"]
 
 #: Output extension -> OGR driver.
-FORMATS = {".geojson": "GeoJSON", ".json": "GeoJSON", ".gpkg": "GPKG", ".shp": "ESRI Shapefile"}
+FORMATS = {".geojson": "GeoJSON", ".json": "GeoJSON", ".gpkg": "GPKG", ".shp": "ESRI Shapefile",
+           ".fgb": "FlatGeobuf", ".parquet": "GeoParquet"}
+#: ``--format`` names -> extension.
+FORMAT_EXTENSIONS = {"geojson": ".geojson", "gpkg": ".gpkg", "shp": ".shp", "fgb": ".fgb", "parquet": ".parquet"}
 
 SCHEMA = pa.schema([
     pa.field("geometry", pa.binary(), metadata={"ARROW:extension:name": "geoarrow.wkb"}),
@@ -69,7 +76,7 @@ def output_format(path: str | os.PathLike[str], *, option: str = "-o") -> str:
     driver = FORMATS.get(p.suffix.lower())
     if driver is None:
         raise InputError(f"{option} {p}: unknown output extension {p.suffix or '(none)'!r}.",
-                         fix="use .geojson, .gpkg or .shp.")
+                         fix="use .geojson, .gpkg, .shp, .fgb or .parquet.")
     make_parent(p, option=option)
     return driver
 
@@ -102,7 +109,7 @@ def write_features(path: str | os.PathLike[str], batches: Iterable[FeatureBatch]
     """Stream feature batches into ``path`` (format from the extension), atomically, with styles.
 
     Args:
-        path: ``.geojson``, ``.gpkg`` or ``.shp``.
+        path: ``.geojson``, ``.gpkg``, ``.shp``, ``.fgb`` or ``.parquet``.
         batches: polygons in ``crs`` (GeoJSON output is reprojected to EPSG:4326 here).
         crs: the CRS of the batches' polygons (WKT or ``EPSG:n``); ``None`` writes pixel coordinates
             without a CRS (``--allow-no-crs``).
@@ -152,6 +159,9 @@ def write_features(path: str | os.PathLike[str], batches: Iterable[FeatureBatch]
     try:
         if driver == "ESRI Shapefile":
             _write_shapefile(out, reader, kw, meta_json)
+        elif driver == "GeoParquet":
+            with atomic_file(out) as tmp:
+                _write_geoparquet(tmp, reader, crs, metadata)
         else:
             with atomic_file(out) as tmp, warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*'crs' was not provided.*")  # --allow-no-crs
@@ -163,6 +173,9 @@ def write_features(path: str | os.PathLike[str], batches: Iterable[FeatureBatch]
             raise failure[0] from None
         raise _write_error(out, exc) from None
     try:
+        if driver == "FlatGeobuf":
+            with atomic_file(out.with_suffix(".geonet.json")) as tmp:
+                tmp.write_text(meta_json)
         with atomic_file(out.with_suffix(".qml")) as tmp:
             tmp.write_text(qml)
     except OSError as exc:
@@ -175,6 +188,23 @@ def _write_error(out: Path, exc: Exception) -> RunError:
     return RunError(f"-o {out}: writing failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); nothing was "
                     "written there.", fix="check the free space and any file-size limit (ulimit -f), or write "
                                           "elsewhere.")
+
+
+def _write_geoparquet(path: Path, reader: pa.RecordBatchReader, crs: str | None, metadata: dict) -> None:
+    """GeoParquet 1.0 (https://geoparquet.org/releases/v1.0.0/): WKB ``geometry`` and the ``geo`` metadata."""
+    import pyarrow.parquet as pq
+    from pyproj import CRS
+
+    geo = {"version": "1.0.0", "primary_column": "geometry",
+           "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"],
+                                    **({"crs": CRS.from_user_input(crs).to_json_dict()} if crs is not None else
+                                       {"crs": None})}}}
+    schema = SCHEMA.remove_metadata().with_metadata({"geo": json.dumps(geo),
+                                                     "geonet": json.dumps(metadata, default=str)})
+    schema = schema.set(0, pa.field("geometry", pa.binary()))
+    with pq.ParquetWriter(path, schema) as w:
+        for batch in reader:
+            w.write_table(pa.Table.from_batches([batch]).cast(schema))
 
 
 def _write_shapefile(out: Path, reader, kw: dict, meta_json: str) -> None:

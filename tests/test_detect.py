@@ -312,3 +312,26 @@ def test_default_nms_iou_is_the_validation_choice(tmp_path):
     assert Detector(ck).model.nms_thresh == pytest.approx(0.3)
     assert Detector(ck, nms_iou=0.6).nms_iou == pytest.approx(0.6)
 
+
+
+@pytest.mark.parametrize("ext", [".fgb", ".parquet"])
+def test_flatgeobuf_and_geoparquet_outputs(tmp_path, ext):
+    """Same features and fields as GeoJSON, native CRS, provenance kept; evaluate reads them back."""
+    import geopandas as gpd
+
+    from geonet.evaluate import EvalConfig, evaluate
+
+    from synth import random_boxes, write_labels
+
+    objects = random_boxes(np.random.default_rng(2), 8, 300, 260, 10, 30)
+    sc = scene(tmp_path, objects, 300, 260)
+    labels = write_labels(tmp_path / "truth.geojson", objects, Affine(0.1, 0, 500000, 0, -0.1, 4500000), "EPSG:32618")
+    ck = make_ckpt(tmp_path / "m.pt")
+    det = oracle(ck)
+    ref = detect_scene(sc, det, DetectConfig(model=str(ck), workers=0), tmp_path / "ref.geojson")
+    res = detect_scene(sc, det, DetectConfig(model=str(ck), workers=0), tmp_path / f"out{ext}")
+    g = gpd.read_parquet(tmp_path / f"out{ext}") if ext == ".parquet" else gpd.read_file(tmp_path / f"out{ext}")
+    assert len(g) == res.detections == ref.detections > 0
+    assert {"label", "class_id", "score", "scene", "model"} <= set(g.columns) and g.crs.to_epsg() == 32618
+    rep = evaluate([str(tmp_path / f"out{ext}")], str(labels), EvalConfig())
+    assert rep.n_predictions == len(g) and "footprint" in rep.aoi  # provenance read back
