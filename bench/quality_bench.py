@@ -104,9 +104,32 @@ def train_and_evaluate(name: str, out: Path, flags: str, train_args: list[str], 
     rep = json.loads((report / "report.json").read_text())
     s = json.loads(summary.read_text())
     op = rep["operating_point"]
-    return {"name": name, "P": op["precision"], "R": op["recall"], "F1": op["f1"], "AP50": rep["metrics"]["AP50"],
+    stacked = stacked_pairs(sorted((out / "report-detections").glob("*.geojson")), thr)
+    return {"name": name, "stacked": stacked, "P": op["precision"], "R": op["recall"], "F1": op["f1"],
+            "AP50": rep["metrics"]["AP50"],
             "AP": rep["metrics"]["AP"], "thr": thr, "n_truth": rep["n_truth"], "train_s": s["seconds"],
             "epochs": s["epochs_run"], "val_AP50": (s.get("best_metrics") or {}).get("AP50")}
+
+
+def stacked_pairs(files: list[Path], thr: float, iou: float = 0.3) -> int:
+    """Pairs of detections (score >= ``thr``, same scene and class) overlapping with IoU > ``iou``: the stacked
+    boxes a user sees on the map (the NEON truth has none)."""
+    import geopandas as gpd
+    import shapely
+    import torch
+    from torchvision.ops import box_iou
+
+    n = 0
+    for f in files:
+        g = gpd.read_file(f)
+        g = g[g["score"] >= thr]
+        if len(g) < 2:
+            continue
+        b = torch.as_tensor(shapely.bounds(g.to_crs(g.estimate_utm_crs()).geometry.values))
+        m = box_iou(b, b)
+        same = torch.as_tensor(g["label"].to_numpy()[:, None] == g["label"].to_numpy()[None])
+        n += int(((m > iou) & same).triu(1).sum())
+    return n
 
 
 def _link_tiles(folder: Path, tiles: list[Path]) -> Path:
@@ -168,17 +191,17 @@ PROTOCOLS = {"loso": loso, "indomain": indomain, "kampala": kampala, "atlanta": 
 
 
 def table(title: str, results: dict[str, list[dict]]) -> str:
-    lines = [f"### {title}", "", "| recipe | ground | P | R | F1 | AP50 | score thr | truth | train s | epochs | "
-             "val AP50 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"### {title}", "", "| recipe | ground | P | R | F1 | AP50 | score thr | stacked pairs | truth | train s | "
+             "epochs | val AP50 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for recipe, rows in results.items():
         for r in rows:
             lines.append(f"| {recipe} | {r['name']} | {r['P']:.3f} | {r['R']:.3f} | {r['F1']:.3f} | {r['AP50']:.3f} | "
-                         f"{r['thr']:.3f} | {r['n_truth']} | {r['train_s']:.0f} | {r['epochs']} | "
+                         f"{r['thr']:.3f} | {r['stacked']} | {r['n_truth']} | {r['train_s']:.0f} | {r['epochs']} | "
                          f"{(r['val_AP50'] if r['val_AP50'] is not None else float('nan')):.3f} |")
         if len(rows) > 1:
             mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("P", "R", "F1", "AP50", "train_s")}
             lines.append(f"| {recipe} | **mean** | **{mean['P']:.3f}** | **{mean['R']:.3f}** | **{mean['F1']:.3f}** | "
-                         f"**{mean['AP50']:.3f}** | | | {mean['train_s']:.0f} | | |")
+                         f"**{mean['AP50']:.3f}** | | | | {mean['train_s']:.0f} | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -45,6 +45,7 @@ D = DetectConfig(model="")
               help="Decimals of GeoJSON coordinates (7 = ~1 cm).")
 @click.option("--preview", default=None, metavar="PNG",
               help="Draw detections on a downsampled scene (one scene: this path; several: one PNG per output).")
+@click.option("--tta", is_flag=True, default=None, help="Test-time flips: 4 views per tile (4x the compute).")
 @click.option("--resume", is_flag=True, default=None, help="Skip scenes whose output already exists.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace existing outputs.")
 @progress_opt

@@ -470,7 +470,7 @@ def evaluate(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_dir: s
     bins = (("small", 0.0, lo), ("medium", lo, hi), ("large", hi, 1e30))
     # the last maxDets must hold every prediction of the fullest image (a connected group can exceed 100)
     per_image = np.bincount(pimg).max(initial=0) if len(pimg) else 0
-    md = (1, 10, max(100, int(per_image)))
+    md = (1, 10, 100) + ((int(per_image),) if per_image > 100 else ())
     metrics = coco_metrics(gt, dets, area_bins=bins, max_dets=md)
     op_metrics = coco_metrics(gt, dets, iou_thresholds=[cfg.iou], area_bins=bins, max_dets=md, keep_eval=True)
     ev = op_metrics["_eval"]
