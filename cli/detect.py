@@ -26,7 +26,7 @@ D = DetectConfig(model="")
               help="Tile overlap in pixels (64) or metres (6m); at least the largest object "
                    "[default: the largest training box].")
 @click.option("--batch-size", type=int, default=None, help="Tiles per model call [default: 2 on CPU, 16 on CUDA].")
-@click.option("--workers", type=int, default=None, help="Reader processes [default: half the cores, at most 4].")
+@click.option("--workers", type=int, default=None, help="Reader threads [default: half the cores, at most 4].")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default=None, show_default=D.device)
 @click.option("--amp", type=click.Choice(AMP_CHOICES), default=None, show_default=D.amp,
               help="Compute precision. auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "

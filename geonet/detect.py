@@ -8,16 +8,17 @@ For each scene:
 2. **GSD.** If the scene's GSD differs from the training GSD by more than 10 %, tiles are read
    resampled to the training GSD (GDAL resampling on read, bilinear; overviews used when
    downsampling); the grid then lives in that resampled frame. ``resample=False`` turns this off.
-3. **Reading.** Tiles are read in DataLoader worker processes, one GDAL dataset handle per worker.
-   A batch's tiles of one tile row are read with one ``RasterIO`` call over their union window,
-   widened to the file's block boundaries when it is tiled, so each block is decoded once per
-   batch. Tiles that are all nodata are skipped without running the model; nodata pixels elsewhere
-   get the training band means (they normalise to 0). Batches travel as the raster's dtype (uint8:
-   one byte per pixel) in pinned memory and are converted to float and normalised on the device.
+3. **Reading.** Tiles are read in reader threads (GDAL releases the GIL while it decodes), one GDAL
+   dataset handle per thread, a few batches ahead of the model. A batch's tiles of one tile row are read
+   with one ``RasterIO`` call over their union window, widened to the file's block boundaries when it is
+   tiled, so each block is decoded once per batch. Tiles that are all nodata are skipped without running
+   the model; nodata pixels elsewhere get the training band means (they normalise to 0). Batches travel
+   as the raster's dtype (uint8: one byte per pixel) and are converted to float and normalised on the
+   device.
 4. **Model.** :class:`Detector` runs :meth:`geonet.model.GeoRetinaNet.predict_batch` on a
-   ``[B, C, H, W]`` batch (no resize, no per-image copies), under bf16 autocast on CUDA and
-   channels-last; its per-image NMS is torchvision's, on the device.
-5. **Merge.** :class:`geonet.merge.SeamMerger` merges tile detections in the detection frame (class-aware
+   ``[B, C, H, W]`` batch (no resize, no per-image copies), in its own thread, under bf16 autocast on
+   CUDA and on CPUs with native bf16, channels-last on CUDA; post-processing is one batched pass.
+5. **Merge.** In the caller's thread, while the model runs on the next batch, :class:`geonet.merge.SeamMerger` merges tile detections in the detection frame (class-aware
    ``batched_nms`` on the device, seam-aware: one whole box per object cut by a seam) and releases
    each tile row as soon as it is final.
 6. **Write.** Final detections stream to the output (:mod:`geonet.write`) while later rows are
@@ -68,7 +69,7 @@ class DetectConfig:
         tile: tile side in pixels (default: the checkpoint's chip size).
         overlap: tile overlap, ``"64"`` pixels or ``"6m"`` metres (default: the largest training box).
         batch_size: tiles per model call (default: 2 on the CPU, 16 on CUDA).
-        workers: reader processes (default: half the cores, at most 4).
+        workers: reader threads (default: half the cores, at least 1, at most 4; 0 reads in the model's thread).
         device, amp: see :mod:`geonet.device`.
         score_thresh: minimum score (default: the checkpoint's operating point).
         nms_iou: IoU of the NMS inside tiles (default: the checkpoint's, chosen on the validation set).
@@ -350,8 +351,8 @@ def _scene_bands(path, det: Detector, cfg: DetectConfig) -> list[int] | None:
     return ck.bands
 
 
-class TileReader(torch.utils.data.Dataset):
-    """Batches of tiles of one scene, read in DataLoader workers (see module docstring, step 3).
+class TileReader:
+    """Batches of tiles of one scene, read in reader threads (see module docstring, step 3).
 
     Args:
         plan: the scene's plan.
@@ -360,17 +361,24 @@ class TileReader(torch.utils.data.Dataset):
 
     ``reader[k]`` is ``{"data": ndarray[B, C, tile, tile] (the scene's dtype), "valid": bool ndarray[B, tile, tile]
     (False on nodata and padding), "tiles": [(row, col)...] read, "skipped": [(row, col)...] all nodata}``,
-    or ``{"error": GeonetError}`` when the scene fails to decode (raised by :func:`detect_scene` in the main
-    process, so the message stays one line instead of a worker traceback). Arrays travel from the
-    workers through the pipe as numpy (:func:`_as_is`), not as torch tensors in shared-memory files, which
-    a file-size limit or a full ``/dev/shm`` breaks without an error reaching the main process.
+    or ``{"error": GeonetError}`` when the scene fails to decode (raised by :func:`detect_scene`).
     """
 
     def __init__(self, plan: ScenePlan, batches: list[list[tuple[int, int]]], fill: np.ndarray):
+        import threading
+
         self.plan = plan
-        self.source = RasterSource(plan.info)
         self.batches = batches
         self.fill = fill
+        self._local = threading.local()
+
+    @property
+    def source(self) -> RasterSource:
+        """This thread's reader of the scene (GDAL dataset handles must not be shared between threads)."""
+        src = getattr(self._local, "source", None)
+        if src is None:
+            src = self._local.source = RasterSource(self.plan.info)
+        return src
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -432,23 +440,108 @@ class TileReader(torch.utils.data.Dataset):
         return {"data": stack, "valid": valid, "tiles": kept, "skipped": skipped}
 
 
-def _reader_init(_worker_id: int) -> None:
-    """Reader workers decode each block once per batch (block-aligned reads), so a large GDAL block
-    cache buys nothing there; cap it so that peak memory does not grow with the number of workers."""
-    from rasterio.env import set_gdal_config
-
-    set_gdal_config("GDAL_CACHEMAX", READER_CACHE_MB)
-
-
-#: GDAL block cache of each reader worker, in MiB.
-READER_CACHE_MB = 128
+#: GDAL block cache of the reader threads, in MiB (blocks are decoded once per batch: block-aligned reads).
+READER_CACHE_MB = 256
 #: Seconds without a batch from the readers before detection fails (a reader that cannot deliver).
 READER_TIMEOUT_S = 300
+#: Batches read ahead of the model.
+PREFETCH = 4
 
 
-def _as_is(item):
-    """DataLoader collate that leaves the reader's numpy arrays as they are (see :class:`TileReader`)."""
-    return item
+class _Pipeline:
+    """Reading, the model, and merging + writing, overlapped (module docstring, steps 3-6).
+
+    ``workers`` reader threads (GDAL releases the GIL while it decodes; each thread has its own dataset
+    handle) read batches in order, :data:`PREFETCH` ahead; a model thread runs the detector on them; the
+    caller's thread (merge and write) iterates ``(batch, detections)`` pairs. Threads, not processes: no
+    second copy of torch in memory, and no shared-memory files. ``workers=0`` reads in the model thread.
+    """
+
+    _DONE = object()
+
+    def __init__(self, reader: TileReader, det: Detector, *, workers: int, path):
+        import concurrent.futures
+        import queue
+        import threading
+
+        from rasterio.env import set_gdal_config
+
+        set_gdal_config("GDAL_CACHEMAX", READER_CACHE_MB)
+        self.reader, self.det, self.path = reader, det, path
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="geonet-read") if workers else None
+        self.out: queue.Queue = queue.Queue(maxsize=2)
+        self.stop = threading.Event()
+        self.seconds_model = 0.0
+        self.thread = threading.Thread(target=self._run_model, name="geonet-model", daemon=True)
+        self.thread.start()
+
+    def _batches(self):
+        n = len(self.reader)
+        if self.pool is None:
+            yield from (self.reader[k] for k in range(n))
+            return
+        pending = [self.pool.submit(self.reader.__getitem__, k) for k in range(min(n, PREFETCH))]
+        for k in range(n):
+            try:
+                item = pending.pop(0).result(timeout=READER_TIMEOUT_S)
+            except TimeoutError:
+                raise RunError(f"no tiles from the readers in {READER_TIMEOUT_S} s.", path=self.path,
+                               fix="check the file (`geonet check`) and the storage it is on.") from None
+            if k + PREFETCH < n:
+                pending.append(self.pool.submit(self.reader.__getitem__, k + PREFETCH))
+            yield item
+
+    def _run_model(self) -> None:
+        cuda = self.det.device.type == "cuda"
+        try:
+            for item in self._batches():
+                if self.stop.is_set():
+                    return
+                if "error" in item:
+                    raise item["error"]
+                outs = []
+                if item["tiles"]:
+                    t0 = time.perf_counter()
+                    data = torch.from_numpy(item["data"])
+                    outs = self.det(data.pin_memory() if cuda else data)
+                    self.seconds_model += time.perf_counter() - t0
+                self._put((item, outs))
+            self._put(self._DONE)
+        except BaseException as exc:  # handed to the caller's thread, which raises it
+            self._put(exc)
+
+    def _put(self, x) -> None:
+        import queue
+
+        while not self.stop.is_set():
+            try:
+                self.out.put(x, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        import queue
+
+        while True:
+            try:
+                x = self.out.get(timeout=0.2)
+            except queue.Empty:
+                if not self.thread.is_alive() and self.out.empty():
+                    raise RunError("the detection thread stopped without a result.", path=self.path,
+                                   fix="run again with -v; report it if it repeats.") from None
+                continue
+            if x is self._DONE:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        self.thread.join(timeout=60)
 
 
 def fill_values(det: Detector, dtype: str) -> np.ndarray:
@@ -527,12 +620,7 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
     cuda = det.device.type == "cuda"
     bs = cfg.batch_size or (16 if cuda else 2)
     workers = cfg.workers if cfg.workers is not None else min(4, max(1, (os.cpu_count() or 2) // 2))
-    batches = tile_batches(grid, bs)
-    dataset = TileReader(plan, batches, fill_values(det, info.dtype))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                         collate_fn=_as_is, prefetch_factor=4 if workers else None,
-                                         persistent_workers=False, worker_init_fn=_reader_init,
-                                         timeout=READER_TIMEOUT_S if workers else 0)
+    reader = TileReader(plan, tile_batches(grid, bs), fill_values(det, info.dtype))
     merge_iou = cfg.merge_iou if cfg.merge_iou is not None else det.nms_iou
     merger = SeamMerger(grid, iou_threshold=merge_iou, device=det.device)
     preview = PreviewCanvas(grid, info) if cfg.preview else None
@@ -557,40 +645,25 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
         return FeatureBatch(geometries=polys, labels=[det.classes[int(k) - 1] for k in d.labels],
                             class_ids=d.labels, scores=d.scores, scene=scene_name, model=det.model_id)
 
-    batches_in = iter(loader)
-
-    def batches():
-        try:
-            yield from batches_in
-        except RuntimeError as exc:  # the DataLoader's own failures: a reader died or timed out
-            raise RunError(f"reading the scene failed ({' '.join(str(exc).split())[:200]}).", path=path,
-                           fix="check the file (`geonet check`), free memory or /dev/shm, or pass --workers 0.") from None
+    def merged(item, outs) -> Detections:
+        for (r, c) in item["skipped"]:
+            merger.add(r, c, [], [], [])
+        if item["tiles"]:
+            valid = torch.from_numpy(item["valid"]).to(det.device)
+            for (r, c), o, v in zip(item["tiles"], outs, valid):
+                keep, boxes = _inside(o["boxes"], v, grid, r, c)
+                merger.add(r, c, boxes[keep], o["scores"][keep], o["labels"][keep])
+            if preview is not None:
+                preview.add_tiles(item["data"], item["tiles"])
+        res.tiles += len(item["tiles"])
+        res.tiles_skipped += len(item["skipped"])
+        if progress is not None:
+            progress.update(len(item["tiles"]) + len(item["skipped"]))
+        return merger.pop_final()
 
     def stream() -> Iterator[FeatureBatch]:
-        for item in batches():
-            if "error" in item:
-                raise item["error"]
-            for (r, c) in item["skipped"]:
-                merger.add(r, c, [], [], [])
-            n = len(item["tiles"])
-            if n:
-                t0 = time.perf_counter()
-                data = torch.from_numpy(item["data"])
-                outs = det(data.pin_memory() if cuda else data)
-                if cuda:
-                    torch.cuda.synchronize()
-                res.seconds_model += time.perf_counter() - t0
-                valid = torch.from_numpy(item["valid"]).to(det.device)
-                for (r, c), o, v in zip(item["tiles"], outs, valid):
-                    keep, boxes = _inside(o["boxes"], v, grid, r, c)
-                    merger.add(r, c, boxes[keep], o["scores"][keep], o["labels"][keep])
-                if preview is not None:
-                    preview.add_tiles(item["data"], item["tiles"])
-            res.tiles += n
-            res.tiles_skipped += len(item["skipped"])
-            if progress is not None:
-                progress.update(n + len(item["skipped"]))
-            final = merger.pop_final()
+        for item, outs in pipeline:
+            final = merged(item, outs)
             if len(final):
                 res.detections += len(final)
                 yield to_features(final)
@@ -599,15 +672,15 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
         if len(final):
             yield to_features(final)
 
+    pipeline = _Pipeline(reader, det, workers=workers, path=path)
     features = stream()
     try:
         write_features(output, features, crs=info.crs_label, metadata=meta, classes=det.classes,
                        precision=cfg.coord_precision)
-    finally:  # a failed writer (full disk, file-size limit) must not leave reader processes behind
+    finally:  # a failed writer (full disk, file-size limit) or Ctrl-C stops the readers and the model at once
         features.close()
-        shutdown = getattr(batches_in, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        pipeline.close()
+    res.seconds_model = pipeline.seconds_model
     res.max_boxes_held = merger.max_held
     if preview is not None:
         res.preview = str(preview.save(cfg.preview))

@@ -335,3 +335,22 @@ def test_flatgeobuf_and_geoparquet_outputs(tmp_path, ext):
     assert {"label", "class_id", "score", "scene", "model"} <= set(g.columns) and g.crs.to_epsg() == 32618
     rep = evaluate([str(tmp_path / f"out{ext}")], str(labels), EvalConfig())
     assert rep.n_predictions == len(g) and "footprint" in rep.aoi  # provenance read back
+
+
+def test_tta_flips_boxes_back(tmp_path):
+    """Each flipped view's boxes come back in the tile's own frame: all four views agree on one box."""
+    det = Detector(make_ckpt(tmp_path / "m.pt"), tta=True)
+
+    def bright_box(x, autocast=None):
+        out = []
+        for tile in x:
+            ys, xs = torch.nonzero(tile[0] > 500, as_tuple=True)
+            b = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+            out.append({"boxes": b, "scores": torch.tensor([0.9]), "labels": torch.tensor([1])})
+        return out
+
+    det.model.predict_batch = bright_box
+    x = torch.zeros(1, 1, 64, 96, dtype=torch.int64)
+    x[0, 0, 5:20, 60:90] = 1000
+    out = det(x)[0]
+    assert len(out["boxes"]) == 1 and out["boxes"][0].tolist() == [60, 5, 90, 20]

@@ -886,7 +886,9 @@ def test_sigint_detect_exits_130(world, tmp_path):
     r, _, _ = make_scene(tmp_path, "big2", width=3000, height=3000, n=100, seed=6)
     out = tmp_path / "o.geojson"
     proc = _geonet("detect", r, "-m", world.rgb_model, "-o", out, "--no-progress")
-    time.sleep(8)
+    t0 = time.time()
+    while not list(tmp_path.glob(".o.tmp-*")) and time.time() - t0 < 180:  # detection is under way
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
