@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import click
-from geonet.cli.options import bands_opt, given, progress_opt, shared
+from geonet.cli.options import bands_opt, given, json_opt, progress_opt, shared
 
 from geonet.detect import DetectConfig
 from geonet.detect import detect as run_detection
@@ -48,20 +51,25 @@ D = DetectConfig(model="")
 @click.option("--tta", is_flag=True, default=None, help="Test-time flips: 4 views per tile (4x the compute).")
 @click.option("--resume", is_flag=True, default=None, help="Skip scenes whose output already exists.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace existing outputs.")
-@progress_opt
-def detect(scenes, output, progress, **options):
+@shared(progress_opt, json_opt)
+def detect(scenes, output, progress, as_json, **options):
     """Detect objects in SCENE(s) (files, folders or quoted globs) with a trained checkpoint."""
-    rep = run_detection(list(scenes), output, DetectConfig(**given(options)), show_progress=progress)
-    if rep.scenes:
-        click.echo(f"score >= {rep.score_thresh:.3f} ({rep.score_source}; --score-thresh 0.05 keeps the whole "
-                   f"precision-recall curve for evaluation), NMS IoU {rep.nms_iou:g}")
-    for r in rep.scenes:
+
+    def line(r):
         if r.error:
             click.echo(f"FAILED {r.scene}: {r.error}", err=True)
-        else:
+        elif not as_json:
             click.echo(f"{r.detections} detections in {r.scene} ({r.tiles} tiles, {r.tiles_skipped} nodata tiles "
                        f"skipped, {r.seconds:.1f} s) -> {r.output}" + (f", preview {r.preview}" if r.preview else ""))
-    if rep.skipped_done:
+
+    rep = run_detection(list(scenes), output, DetectConfig(**given(options)), show_progress=progress, on_scene=line)
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(rep), indent=2, default=str))
+    elif rep.scenes:
+        click.echo(f"score >= {rep.score_thresh:.3f} ({rep.score_source}; --score-thresh 0.05 keeps the whole "
+                   f"precision-recall curve for evaluation), NMS IoU {rep.nms_iou:g}")
+    if rep.skipped_done and not as_json:
         click.echo(f"{rep.skipped_done} scene(s) already done (--resume)")
     if rep.failed:
-        raise RunError(f"{rep.failed} of {len(rep.scenes)} scene(s) failed (see above); the others were written.")
+        raise RunError(f"{rep.failed} of {len(rep.scenes)} scene(s) failed (see above); the others were written.",
+                       fix="fix or leave out the failed scenes and run again with --resume.")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
-from geonet.cli.options import given, parse_area_bins
+from geonet.cli.options import given, json_opt, parse_area_bins, progress_opt, shared
 
 from geonet.errors import InputError
 from geonet.evaluate import ClassMismatch, EvalConfig, evaluate_files, evaluate_model, parse_class_map
@@ -35,7 +36,8 @@ D = EvalConfig()
 @click.option("--model", default=None, metavar="CKPT", help="Detect first with this checkpoint on --imagery.")
 @click.option("--imagery", multiple=True, metavar="DIR|FILE|GLOB", help="Scenes to detect on (with --model).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
-def evaluate(predictions, truth, output, model, imagery, overwrite, class_map, area_bins, **options):
+@shared(progress_opt, json_opt)
+def evaluate(predictions, truth, output, model, imagery, overwrite, class_map, area_bins, progress, as_json, **options):
     """Score PREDICTIONS (geonet outputs or any vector file with scores) against --truth."""
     cfg = EvalConfig(**given({**options, "area_bins": parse_area_bins(area_bins),
                               "class_map": parse_class_map(class_map)}))
@@ -46,12 +48,15 @@ def evaluate(predictions, truth, output, model, imagery, overwrite, class_map, a
                                  fix="drop the PREDICTIONS, or --model.")
             if not imagery:
                 raise InputError("--model needs --imagery (the scenes to detect on).", fix="add --imagery SCENES.")
-            rep = evaluate_model(model, imagery, truth, cfg, output, overwrite=overwrite)
+            rep = evaluate_model(model, imagery, truth, cfg, output, overwrite=overwrite, show_progress=progress)
         else:
             rep = evaluate_files(predictions, truth, cfg, output, overwrite=overwrite)
     except ClassMismatch as exc:
         click.echo("class names of predictions and truth:\n" + exc.table, err=True)
         raise
+    if as_json:
+        click.echo(json.dumps({**rep.to_dict(), "out_dir": rep.out_dir}, indent=2, default=float))
+        return
     m, op = rep.metrics, rep.operating
 
     def f(v):

@@ -111,7 +111,9 @@ size_opt = click.option("--size", type=int, default=None,
                         help="Chip (window) side in pixels.")
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 seed_opt = click.option("--seed", type=int, default=None, show_default="0", help="Random seed.")
-progress_opt = click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+progress_opt = click.option("--progress/--no-progress", default=None,
+                            help="Show a progress bar [default: when stderr is a terminal].")
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout.")
 
 
 def shared(*decorators: Callable) -> Callable:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import sys
 from pathlib import Path
 
 import click
@@ -10,6 +13,7 @@ from geonet.cli.options import (
     bands_opt,
     class_field_opt,
     given,
+    json_opt,
     layer_opt,
     nodata_opt,
     overwrite_opt,
@@ -25,8 +29,8 @@ from geonet.cli.options import (
 from geonet.device import AMP_CHOICES, DEVICE_CHOICES
 from geonet.model import BACKBONES
 from geonet.training import TrainConfig, resume_config
-from geonet.training.config import AUGMENT_CHOICES
 from geonet.training import train as run_training
+from geonet.training.config import AUGMENT_CHOICES
 
 D = TrainConfig()
 log = logging.getLogger("geonet")
@@ -105,9 +109,9 @@ def _csv(values) -> str:
 @click.option("--workers", type=int, default=None, help="DataLoader workers [default: 0 on CPU, up to 8 on CUDA].")
 @click.option("--limit-train-batches", type=int, default=None, hidden=True)
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint (same schedule).")
-@shared(seed_opt, overwrite_opt, progress_opt)
-def train(config, output, resume, overwrite, progress, split, anchor_sizes, anchor_scales, anchor_ratios, imagery,
-          **options):
+@shared(seed_opt, overwrite_opt, progress_opt, json_opt)
+def train(config, output, resume, overwrite, progress, as_json, split, anchor_sizes, anchor_scales, anchor_ratios,
+          imagery, **options):
     """Train a RetinaNet; writes best.pt/last.pt (self-describing checkpoints) and logs to -o."""
     options = given({**options, "imagery": list(imagery) or None, "val_fraction": parse_split(split),
                      "anchor_sizes": parse_floats(anchor_sizes, "--anchor-sizes"),
@@ -120,7 +124,11 @@ def train(config, output, resume, overwrite, progress, split, anchor_sizes, anch
                         ", ".join(f"--{n.replace('_', '-')}" for n in sorted(ignored)))
     else:
         cfg = TrainConfig.from_options({**options, "output": output}, config_file=config)
-    res = run_training(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    res = run_training(cfg, resume=resume, overwrite=overwrite,
+                       progress=sys.stderr.isatty() if progress is None else progress)
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(res), indent=2, default=float))
+        return
     m = res.best_metrics or {}
 
     def f(v):

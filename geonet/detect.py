@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms
 from affine import Affine
 from rasterio.windows import Window
+from torchvision.ops import batched_nms
 
 import geonet
 from geonet.atomic import check_writable, make_dir, remove_stale
@@ -737,9 +738,13 @@ def resolve_outputs(scenes: Sequence[str], output: str | os.PathLike[str], fmt: 
     return paths, outs
 
 
-def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectConfig, *, show_progress: bool = True
-           ) -> DetectReport:
+def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectConfig, *,
+           show_progress: bool | None = None, on_scene=None) -> DetectReport:
     """Detect objects in one or many scenes.
+
+    ``show_progress``: a progress bar (tiles/s, ETA); default: when stderr is a terminal, so logs get no
+    carriage-return frames. ``on_scene``: called with each :class:`SceneResult` as soon as its scene is done
+    (the command line prints one line per scene with it).
 
     A scene that fails (corrupt file, wrong bands...) is reported and skipped when there are
     several; the others are still processed and ``report.failed`` counts the failures. With one
@@ -778,6 +783,8 @@ def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectCon
             plans[i] = exc
         todo.append(i)
     total = sum(pl.grid.n_tiles for pl in plans.values() if isinstance(pl, ScenePlan))
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
     bar = tqdm(total=total, unit="tile", disable=not show_progress, dynamic_ncols=True, leave=True,
                desc=f"{len(todo)} scene(s)")
     failed = 0
@@ -787,6 +794,8 @@ def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectCon
             log.error("%s", pl)
             results.append(SceneResult(scene=str(p), output=str(o), error=str(pl)))
             failed += 1
+            if on_scene is not None:
+                on_scene(results[-1])
             continue
         bar.set_postfix_str(p.name)
         cfg_i = cfg
@@ -801,6 +810,9 @@ def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectCon
             log.error("%s", exc)
             results.append(SceneResult(scene=str(p), output=str(o), error=str(exc)))
             failed += 1
+        if on_scene is not None:
+            with bar.external_write_mode():
+                on_scene(results[-1])
     bar.close()
     return DetectReport(scenes=results, seconds=time.perf_counter() - t0, failed=failed, skipped_done=done_before,
                         score_thresh=float(det.model.score_thresh), score_source=det.score_source,

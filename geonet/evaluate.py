@@ -681,7 +681,7 @@ def evaluate_files(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_
 
 
 def evaluate_model(model: str, imagery: Sequence[str], truth: str, cfg: EvalConfig, out_dir: str | os.PathLike[str],
-                   *, overwrite: bool = False, show_progress: bool = True) -> EvalReport:
+                   *, overwrite: bool = False, show_progress: bool | None = None) -> EvalReport:
     """Detect on ``imagery`` with ``model``, then evaluate against ``truth`` (``geonet evaluate --model``).
 
     Detections go to ``OUT_DIR-detections/`` (one GeoJSON per scene), at the model's own low score
@@ -713,7 +713,7 @@ def evaluate_model(model: str, imagery: Sequence[str], truth: str, cfg: EvalConf
 
 
 def _detect_and_evaluate(model, header, imagery, truth, cfg: EvalConfig, out_dir, det_dir: Path, *, overwrite: bool,
-                         show_progress: bool) -> EvalReport:
+                         show_progress: bool | None) -> EvalReport:
     from geonet.detect import DetectConfig, detect, resolve_outputs
 
     log.info("detecting into %s/", det_dir)

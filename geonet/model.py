@@ -63,9 +63,8 @@ from torchvision.models.detection.retinanet import (
     _sum,
 )
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, sigmoid_focal_loss
 from torchvision.ops import boxes as box_ops
-from torchvision.ops import sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 

@@ -354,3 +354,17 @@ def test_tta_flips_boxes_back(tmp_path):
     x[0, 0, 5:20, 60:90] = 1000
     out = det(x)[0]
     assert len(out["boxes"]) == 1 and out["boxes"][0].tolist() == [60, 5, 90, 20]
+
+
+def test_json_summary_and_no_progress_frames_in_logs(tmp_path):
+    """Not a terminal: no carriage-return frames; --json prints a summary a script can parse."""
+    import json
+
+    objects = np.array([[20.0, 20, 40, 40]])
+    sc = scene(tmp_path, objects, 200, 160)
+    ck = make_ckpt(tmp_path / "m.pt")
+    res = CliRunner().invoke(cli, ["detect", str(sc), "-m", str(ck), "-o", str(tmp_path / "o.geojson"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert "\r" not in res.output
+    rep = json.loads(res.output)
+    assert rep["failed"] == 0 and rep["scenes"][0]["output"].endswith("o.geojson") and "seconds" in rep

@@ -276,3 +276,16 @@ def test_sites_in_several_utm_zones(tmp_path):
     # --crs puts everything in one CRS
     one = evaluate([str(tmp_path / "p.geojson")], str(tmp_path / "truth.shp"), EvalConfig(crs="EPSG:32615"))
     assert one.crs.startswith("EPSG:32615") and one.metrics["AP"] == pytest.approx(1.0)
+
+
+def test_cli_json_summary(tmp_path):
+    import json
+
+    truth, boxes = _truth_and_preds(tmp_path, n=20)
+    truth.to_file(tmp_path / "truth.gpkg")
+    p = _write_preds(tmp_path / "p.geojson", boxes, np.linspace(0.5, 1, len(boxes)))
+    res = CliRunner().invoke(cli, ["evaluate", str(p), "--truth", str(tmp_path / "truth.gpkg"), "-o",
+                                   str(tmp_path / "rep"), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["metrics"]["AP50"] == pytest.approx(1.0) and rep["out_dir"].endswith("rep")

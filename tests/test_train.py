@@ -189,6 +189,11 @@ def test_cli_train_yaml_config_flags_override(scenes):
     assert saved["optim"]["epochs"] == 1 and saved["model"]["backbone"] == "resnet18"
     assert saved["chip"]["val_fraction"] == 0.25
     assert "best epoch" in res.output
+    res = CliRunner().invoke(cli, ["train", "--config", str(conf), "--epochs", "1", "-o", str(tmp / "r"),
+                                   "--overwrite", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{"):])
+    assert summary["epochs_run"] == 1 and summary["run_dir"].endswith("r") and "\r" not in res.output
 
 
 @pytest.mark.parametrize("case", ["no-labels", "bad-key", "exists"])

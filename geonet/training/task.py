@@ -25,10 +25,9 @@ import math
 import warnings
 
 import torch
-
-from geonet.errors import RunError
 from torchvision.ops import batched_nms
 
+from geonet.errors import RunError
 from geonet.metrics import coco_detections, coco_metrics, operating_point
 from geonet.model import ModelConfig, build_model
 from geonet.training.config import OptimConfig
