@@ -93,12 +93,15 @@ def end_to_end_row(args, tmp: Path) -> dict:
     x = torch.randint(0, 255, (bs, 3, args.tile, args.tile), dtype=torch.uint8, device=det.device)
     m = det.model
     with torch.inference_mode():
-        xb = m.transform.batch(x)
+        def forward():
+            with torch.autocast(det.device.type, dtype=det.amp_dtype or torch.float32, enabled=det.amp_dtype is not None):
+                m.head(list(m.backbone(m.transform.batch(x)).values()))
+
+        forward()  # warm-up
         _sync(det.device)
         t0 = time.perf_counter()
         for _ in range(args.reps):
-            with torch.autocast(det.device.type, dtype=det.amp_dtype or torch.float32, enabled=det.amp_dtype is not None):
-                m.head(list(m.backbone(m.transform.batch(x)).values()))
+            forward()
         _sync(det.device)
         fwd = bs * args.reps / (time.perf_counter() - t0)
     return {"what": f"end to end {backbone}, {args.scene} px scene, {res.tiles} tiles, batch {bs}", "e2e_tps": e2e,

@@ -55,6 +55,7 @@ RECIPES: dict[str, str] = {
     "light-augment": f"{W} --augment light",
     "no-fit-anchors": f"{W} --no-fit-anchors",
     "steps-500": f"{W} --steps 500",
+    "steps-300": f"{W} --steps 300",
     "steps-2000": f"{W} --steps 2000",
     "lr-3e-4": f"{W} --lr 3e-4",
     "lr-1e-3": f"{W} --lr 1e-3",
