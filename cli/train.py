@@ -102,7 +102,10 @@ def _csv(values) -> str:
 @click.option("--early-stopping", type=int, default=None, show_default=str(D.optim.early_stopping), metavar="EPOCHS",
               help="Stop when validation AP has not improved for this many epochs (0: off).")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default=None, show_default=D.device)
-@click.option("--devices", type=int, default=None, show_default=str(D.devices), help="GPUs (DDP when > 1).")
+@click.option("--devices", type=int, default=None, show_default=str(D.devices),
+              help="Training processes per machine: GPUs, or CPU processes with --device cpu (DDP when > 1).")
+@click.option("--num-nodes", type=int, default=None, show_default=str(D.num_nodes),
+              help="Machines (DDP over torchrun or SLURM srun; see the README).")
 @click.option("--amp", type=click.Choice(AMP_CHOICES), default=None, show_default=D.amp,
               help="Mixed precision. auto: bf16 on CUDA where supported (else fp16 with a scaler), bf16 on CPUs "
                    "with native bf16 (AVX512-BF16, AMX), else fp32.")
@@ -126,6 +129,8 @@ def train(config, output, resume, overwrite, progress, as_json, split, anchor_si
         cfg = TrainConfig.from_options({**options, "output": output}, config_file=config)
     res = run_training(cfg, resume=resume, overwrite=overwrite,
                        progress=sys.stderr.isatty() if progress is None else progress)
+    if res.rank != 0:  # another DDP process: rank 0 reports
+        return
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(res), indent=2, default=float))
         return

@@ -415,3 +415,51 @@ def test_bf16_training_on_small_chips_stays_finite(tmp_path):
                 progress=False)
     _, state = read_checkpoint(Path(res.run_dir) / "last.pt")
     assert all(_torch.isfinite(v.float()).all() for v in state.values())
+
+
+def test_epoch_sampler_splits_across_processes(monkeypatch):
+    """With a process group: training shares are padded to equal length, validation covers every image once."""
+    from geonet.training.data import EpochSampler
+
+    n, world = 11, 3
+    for pad in (True, False):
+        shares = []
+        for rank in range(world):
+            monkeypatch.setattr(EpochSampler, "_group", staticmethod(lambda rank=rank: (rank, world)))
+            s = EpochSampler(n, seed=5, shuffle=pad, pad=pad)
+            s.set_epoch(2)
+            idx = [i for i, _ in s]
+            assert len(idx) == len(s)
+            shares.append(idx)
+        flat = sorted(i for share in shares for i in share)
+        if pad:  # equal steps in every process; every image at least once, 1 repeated
+            assert {len(x) for x in shares} == {4} and set(flat) == set(range(n)) and len(flat) == 12
+        else:  # validation: every image exactly once
+            assert flat == list(range(n))
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one_process(tmp_path):
+    """DDP over 2 CPU processes (gloo), batch 2 each, against 1 process with batch 4: the same optimiser steps
+    (the schedule counts steps after the split) and validation AP within 0.02; rank 0 alone writes."""
+    rasters, labels = _scenes(tmp_path, n=20, size=256, min_side=12, max_side=30)
+    results = {}
+    for name, extra in (("one", ["--batch-size", "4"]), ("ddp", ["--batch-size", "2", "--devices", "2"])):
+        run = tmp_path / name
+        cmd = [sys.executable, "-m", "geonet.cli.main", "train", "--labels", labels, "-o", str(run), "--size", "128",
+               "--backbone", "resnet18", "--weights", "none", "--no-fit-anchors", "--augment", "light",
+               "--anchor-sizes", "16,32,64,128,256", "--epochs", "24", "--amp", "32", "--device", "cpu",
+               "--split", "val=0.25", "--no-progress", "--json", *extra]
+        for r in rasters:
+            cmd += ["--imagery", r]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads(proc.stdout)  # one report: rank 0's
+        results[name]["steps"] = torch.load(run / "last.ckpt", weights_only=True)["global_step"]
+        assert not list(run.glob(".*tmp*")) and (run / "summary.json").exists()
+    one, ddp = results["one"], results["ddp"]
+    assert ddp["processes"] == 2 and ddp["steps"] == one["steps"] > 0
+    assert one["best_metrics"]["AP50"] > 0.2, (one["best_metrics"], ddp["best_metrics"])  # it learned: the comparison means something
+    assert abs(ddp["best_metrics"]["AP"] - one["best_metrics"]["AP"]) <= 0.02, (one["best_metrics"],
+                                                                                ddp["best_metrics"])

@@ -2,7 +2,8 @@
 
 * :class:`RunCheckpoint` writes the run's checkpoints atomically at the end of every epoch: Lightning's
   resumable ``last.ckpt`` (also once before the first step, so a run stopped at any point can
-  ``--resume``) and geonet's detector checkpoints ``last.pt`` and ``best.pt`` (best validation AP).
+  ``--resume``) and geonet's detector checkpoints ``last.pt`` and ``best.pt`` (best validation AP);
+  with DDP, rank 0 alone writes.
 * :class:`DeferredInterrupt` and :class:`StopOnInterrupt`: Ctrl-C stops at the next batch boundary.
 * :class:`Throughput`: images per second and the share of time spent waiting for data.
 """
@@ -57,15 +58,20 @@ class RunCheckpoint(pl.Callback):
         self.best_epoch = int(state["best_epoch"])
 
     def _save_resume(self, trainer):
+        # Trainer.save_checkpoint is collective under DDP (every process calls it; rank 0 alone writes)
+        if not trainer.is_global_zero:
+            trainer.save_checkpoint(self.run / "last.ckpt")
+            return
         with atomic_file(self.run / "last.ckpt") as tmp:
             trainer.save_checkpoint(tmp)
 
     def on_train_start(self, trainer, pl_module):
-        if not self.resume and trainer.is_global_zero:
+        if not self.resume:
             self._save_resume(trainer)  # a resumable state before the first step
 
     def on_train_epoch_end(self, trainer, pl_module):
         if not trainer.is_global_zero:
+            self._save_resume(trainer)
             return
         metrics = dict(getattr(pl_module, "last_metrics", {}) or {})
         epoch = trainer.current_epoch

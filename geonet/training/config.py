@@ -93,9 +93,11 @@ class OptimConfig:
         steps: the training budget in optimiser steps, whatever the size of the data (the epochs follow:
             ``ceil(steps / steps_per_epoch)``).
         epochs: passes over the training windows; when set, it replaces ``steps``.
-        batch_size: images per optimiser step.
+        batch_size: images per optimiser step in each process (with DDP the global batch is this times the
+            processes, and one optimiser step consumes all of it).
         optimizer: ``adamw`` (default) or ``sgd`` (momentum, the paper's).
-        lr: learning rate (default: 1e-4 for AdamW, 0.01 x batch / 16 for SGD).
+        lr: learning rate (default: 1e-4 for AdamW, 0.01 x global batch / 16 for SGD, the linear scaling rule
+            of Goyal et al. 2017, "Accurate, Large Minibatch SGD").
         momentum, weight_decay: of the optimiser.
         schedule: ``cosine`` or ``step`` (x0.1 at 2/3 and 8/9 of the steps) after the warmup.
         warmup_steps: linear warmup (default: 10 % of the steps, at most 500).
@@ -133,15 +135,15 @@ class OptimConfig:
         """Epochs of the run: ``epochs`` when set, else enough to make ``steps`` optimiser steps."""
         return self.epochs if self.epochs is not None else max(1, math.ceil(self.steps / max(1, steps_per_epoch)))
 
-    @property
-    def effective_lr(self) -> float:
+    def learning_rate(self, processes: int = 1) -> float:
+        """The learning rate of a run over ``processes`` DDP processes (``lr`` when given)."""
         if self.lr is not None:
             return self.lr
-        return 0.01 * self.batch_size / 16 if self.optimizer == "sgd" else 1e-4
+        return 0.01 * self.batch_size * processes / 16 if self.optimizer == "sgd" else 1e-4
 
 
 _SECTIONS: dict[str, type] = {"data": DataConfig, "chip": ChipConfig, "model": ModelConfig, "optim": OptimConfig}
-_TOP = ("output", "weights", "fit_anchors", "augment", "seed", "device", "devices", "amp", "workers",
+_TOP = ("output", "weights", "fit_anchors", "augment", "seed", "device", "devices", "num_nodes", "amp", "workers",
         "limit_train_batches")
 
 
@@ -173,7 +175,10 @@ class TrainConfig:
             (:meth:`geonet.augment.OverheadAugment.for_training`).
         seed: the run's seed (split, negative sampling, initialisation, shuffling, augmentation).
         device, amp: see :mod:`geonet.device`.
-        devices: processes (GPUs) for DDP.
+        devices: training processes per machine: one per GPU, or CPU processes (gloo) with ``device="cpu"``;
+            Lightning's DDP when ``devices * num_nodes > 1`` (launched by ``geonet train`` itself, by ``torchrun``
+            or by SLURM's ``srun``; see the README).
+        num_nodes: machines taking part (DDP).
         workers: DataLoader workers (default: 0 on the CPU, up to 8 with CUDA).
         limit_train_batches: train on at most this many batches per epoch (tests and benchmarks).
     """
@@ -189,6 +194,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     devices: int = 1
+    num_nodes: int = 1
     amp: str = "auto"
     workers: int | None = None
     limit_train_batches: int | None = None
@@ -207,8 +213,15 @@ class TrainConfig:
             raise InputError(f"--amp {self.amp!r}: choose auto, 32, bf16 or 16.")
         if self.devices < 1:
             raise InputError(f"--devices must be >= 1, got {self.devices}.")
+        if self.num_nodes < 1:
+            raise InputError(f"--num-nodes must be >= 1, got {self.num_nodes}.")
         if self.augment not in AUGMENT_CHOICES:
             raise InputError(f"--augment {self.augment!r}: choose {', '.join(AUGMENT_CHOICES)}.")
+
+    @property
+    def processes(self) -> int:
+        """DDP processes in all (``devices * num_nodes``)."""
+        return self.devices * self.num_nodes
 
     @property
     def chip_config(self) -> ChipConfig:

@@ -13,6 +13,7 @@ and index, whatever the number of workers.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -278,19 +279,39 @@ class EpochSampler(torch.utils.data.Sampler):
 
     ``sample_seed`` identifies the (seed, epoch) pair, so each sample's augmentation is fixed by
     seed, epoch and index (see :mod:`geonet.datasets`). Lightning calls :meth:`set_epoch`.
+
+    **Several processes (DDP).** When a ``torch.distributed`` process group is up, every process draws the
+    same permutation and takes every ``world``-th index from its rank on (the split of PyTorch's
+    ``DistributedSampler``). For training (``pad=True``) the permutation is padded with its own first
+    indices to a multiple of ``world``, so every process runs the same number of steps (DDP needs that);
+    for validation (``pad=False``) nothing is repeated, so every image is scored exactly once.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+    def __init__(self, n: int, seed: int, shuffle: bool = True, pad: bool | None = None):
         self.n = n
         self.seed = seed
         self.shuffle = shuffle
+        self.pad = shuffle if pad is None else pad
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @staticmethod
+    def _group() -> tuple[int, int]:
+        """``(rank, world size)`` of the process group, ``(0, 1)`` without one."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    @staticmethod
+    def shard_length(n: int, world: int, rank: int = 0, pad: bool = True) -> int:
+        """Samples one process draws per epoch out of ``n`` split over ``world`` processes."""
+        return math.ceil(n / world) if pad else len(range(rank, n, world))
+
     def __len__(self) -> int:
-        return self.n
+        rank, world = self._group()
+        return self.shard_length(self.n, world, rank, self.pad)
 
     def __iter__(self):
         epoch_seed = self.seed * 100_003 + self.epoch
@@ -300,4 +321,9 @@ class EpochSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        rank, world = self._group()
+        if world > 1:
+            if self.pad and self.n % world:
+                order += (order * world)[:world - self.n % world]
+            order = order[rank::world]
         return iter([(i, epoch_seed) for i in order])

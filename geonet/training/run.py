@@ -79,6 +79,8 @@ class TrainResult:
     n_degenerate: int
     device: str
     precision: str
+    processes: int = 1
+    rank: int = 0
 
 
 def check_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
@@ -171,15 +173,43 @@ def _schedule(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
 
 
 def _loaders(cfg: TrainConfig, data: TrainData, *, cuda: bool):
+    """Training and validation DataLoaders and the optimiser steps per epoch of each process.
+
+    With DDP, :class:`EpochSampler` gives each process its share once the process group is up; the steps
+    per epoch (and so the learning-rate schedule) are counted on that share, so a run over N processes
+    makes as many optimiser steps as one process with an N times larger batch.
+    """
     workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
+    share = EpochSampler.shard_length(len(data.train), cfg.processes)
+    drop_last = share > cfg.optim.batch_size
 
     def loader(ds, shuffle):
         return torch.utils.data.DataLoader(
             ds, batch_size=cfg.optim.batch_size, sampler=EpochSampler(len(ds), cfg.seed, shuffle=shuffle),
             collate_fn=collate, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
-            drop_last=shuffle and len(ds) > cfg.optim.batch_size)
+            drop_last=shuffle and drop_last)
 
-    return loader(data.train, True), (loader(data.val, False) if data.val is not None else None)
+    steps = share // cfg.optim.batch_size if drop_last else math.ceil(share / cfg.optim.batch_size)
+    if cfg.limit_train_batches is not None:
+        steps = min(steps, cfg.limit_train_batches)
+    return loader(data.train, True), (loader(data.val, False) if data.val is not None else None), steps
+
+
+def launch_rank(cfg: TrainConfig) -> int:
+    """This process's global DDP rank as its launcher set it, before the process group exists.
+
+    0 for a single process and for the process that ``geonet train`` starts (Lightning's launcher
+    starts the others with ``LOCAL_RANK``/``NODE_RANK``); ``RANK`` under ``torchrun``; ``SLURM_PROCID``
+    under ``srun``. Only rank 0 checks, empties and writes the run folder.
+    """
+    if cfg.processes == 1:
+        return 0
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"])
+    return int(env.get("NODE_RANK", 0)) * cfg.devices + int(env.get("LOCAL_RANK", 0))
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
@@ -202,7 +232,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     cfg.validate()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.amp, device)
-    run = check_run_dir(cfg, resume=resume, overwrite=overwrite)
+    rank = launch_rank(cfg)
+    run = check_run_dir(cfg, resume=resume, overwrite=overwrite) if rank == 0 else Path(cfg.output)
     t0 = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = prepare_data(cfg)
@@ -213,18 +244,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if cfg.augment != "none":
         data.train.transform = OverheadAugment.for_training(strength=cfg.augment, band_std=model_cfg.std)
     cuda = device.type == "cuda"
-    train_loader, val_loader = _loaders(cfg, data, cuda=cuda)
-    steps_per_epoch = len(train_loader) if cfg.limit_train_batches is None else min(len(train_loader),
-                                                                                  cfg.limit_train_batches)
+    train_loader, val_loader, steps_per_epoch = _loaders(cfg, data, cuda=cuda)
     epochs, val_every = _schedule(cfg, steps_per_epoch)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     task = DetectionTask(model_cfg.to_dict(), weights="none" if resume else cfg.weights,
                          optim={**asdict(cfg.optim), "epochs": epochs}, steps_per_epoch=steps_per_epoch,
                          classes=data.classes, val_gt=data.val_gt, channels_last=cuda)
     model_cfg = task.model_config  # with what build_model resolved (trainable layers, frozen BN)
-    run.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        _write_run_files(run, cfg, data, model_cfg)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            _write_run_files(run, cfg, data, model_cfg)
     if cuda:
         torch.backends.cudnn.benchmark = True
 
@@ -243,14 +273,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         callbacks.append(pl.callbacks.EarlyStopping(monitor="val/AP", mode="max", patience=cfg.optim.early_stopping))
     trainer = pl.Trainer(
         max_epochs=epochs, check_val_every_n_epoch=val_every, accelerator="gpu" if cuda else "cpu",
-        devices=cfg.devices if cuda else 1,
-        precision=lightning_precision(precision), logger=_loggers(run, resume and cfg.devices <= 1),
+        devices=cfg.devices, num_nodes=cfg.num_nodes, strategy="ddp" if cfg.processes > 1 else "auto",
+        precision=lightning_precision(precision), logger=_loggers(run, resume and rank == 0),
         callbacks=callbacks + list(extra_callbacks), deterministic=not cuda, benchmark=cuda,
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(10, steps_per_epoch)), gradient_clip_val=cfg.optim.grad_clip or None,
         enable_progress_bar=progress, limit_train_batches=cfg.limit_train_batches,
         limit_val_batches=1.0 if val_loader is not None else 0, default_root_dir=str(run),
-        use_distributed_sampler=cfg.devices > 1)
+        use_distributed_sampler=False)  # EpochSampler splits the data itself (no padded validation)
     with warnings.catch_warnings():
         for msg in (".*does not have many workers.*", ".*The number of training batches.*",
                     ".*exists and is not empty.*", ".*LeafSpec.*"):
@@ -265,13 +295,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 f"training interrupted during epoch {done}; {run / 'last.ckpt'} holds the state after "
                 f"{done} complete epoch(s).", fix=f"continue with `geonet train --resume -o {run}`.") from None
     best_metrics = read_checkpoint(run / "best.pt")[0].metrics if (run / "best.pt").exists() else {}
-    plot_curves(run)
     result = TrainResult(
         run_dir=str(run), epochs_run=trainer.current_epoch, best_epoch=checkpoints.best_epoch,
         best_metrics=best_metrics, last_metrics=task.last_metrics, seconds=time.perf_counter() - t0,
         images_per_second=throughput.images_per_second, data_wait_fraction=throughput.data_wait_fraction,
         n_train=len(data.train), n_val=len(data.val) if data.val is not None else 0,
-        n_train_boxes=data.n_train_boxes, n_degenerate=data.n_degenerate, device=device.type, precision=precision)
+        n_train_boxes=data.n_train_boxes, n_degenerate=data.n_degenerate, device=device.type, precision=precision,
+        processes=cfg.processes, rank=trainer.global_rank)
+    if trainer.global_rank != 0:
+        return result
+    plot_curves(run)
     with atomic_file(run / "summary.json") as tmp:
         tmp.write_text(json.dumps(asdict(result), indent=2, default=float))
     return result

@@ -14,7 +14,7 @@ across tile seams alike (both decide whether two boxes are one object).
 **Schedule.** Linear warmup from 0.1 % of the learning rate over ``warmup_steps`` (default: 10 % of
 the steps, at most 500), then cosine decay to 0, or steps of 0.1 at 2/3 and 8/9 of training (the
 paper's 60k and 80k of 90k iterations). SGD with momentum 0.9 and weight decay 1e-4 (the paper),
-learning rate 0.01 x batch / 16; or AdamW with learning rate 1e-4, the default: on 12 synthetic chips
+learning rate 0.01 x global batch / 16; or AdamW with learning rate 1e-4, the default: on 12 synthetic chips
 from scratch, 12 steps took the classification loss from 1.129 to 0.577 with AdamW and to 1.120 with
 SGD at 0.0025 (batch 4); AdamW at 1e-3 made it explode to ~1000 at the third step.
 """
@@ -89,6 +89,18 @@ class DetectionTask(pl.LightningModule):
         self._val_dets: list[dict] = []
         self.last_metrics: dict = {}
 
+    def setup(self, stage: str) -> None:
+        """With DDP: every process must have built the same detector (normalisation and fitted anchors are
+        computed from the data in each process); raises :class:`RunError` otherwise."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        mine = self.model_config.to_dict()
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, mine)
+        if any(c != everyone[0] for c in everyone):
+            raise RunError("the DDP processes built different detectors (normalisation or fitted anchors differ).",
+                           fix="give every process the same data and --seed, or pass --anchor-sizes/--anchor-ratios.")
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         images, targets = batch
         nb = device.type == "cuda"
@@ -145,10 +157,11 @@ class DetectionTask(pl.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
+        lr = o.learning_rate(self.trainer.world_size)
         if o.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=o.effective_lr, momentum=o.momentum, weight_decay=o.weight_decay)
+            opt = torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
         else:
-            opt = torch.optim.AdamW(params, lr=o.effective_lr, weight_decay=o.weight_decay)
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
         total = max(1, o.epochs * self.hparams.steps_per_epoch)
         warmup = o.warmup_steps if o.warmup_steps is not None else min(500, max(1, total // 10))
         sched = torch.optim.lr_scheduler.LambdaLR(
