@@ -8,7 +8,7 @@ import json
 import click
 from geonet.cli.options import bands_opt, given, json_opt, progress_opt, shared
 
-from geonet.detect import DetectConfig
+from geonet.detect import ENGINES, DetectConfig
 from geonet.detect import detect as run_detection
 from geonet.device import AMP_CHOICES, DEVICE_CHOICES
 from geonet.errors import RunError
@@ -51,6 +51,12 @@ D = DetectConfig(model="")
 @click.option("--tta", is_flag=True, default=None, help="Test-time flips: 4 views per tile (4x the compute).")
 @click.option("--resume", is_flag=True, default=None, help="Skip scenes whose output already exists.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace existing outputs.")
+@click.option("--engine", type=click.Choice(ENGINES), default=None, show_default=D.engine,
+              help="local: this process; ray: scenes as tasks on a Ray cluster (pip install 'geonet[ray]').")
+@click.option("--address", default=None, metavar="auto|HOST:PORT",
+              help="Ray cluster of --engine ray [default: a local Ray instance].")
+@click.option("--actors", type=int, default=None,
+              help="Ray actors (one model each) of --engine ray [default: the cluster's GPUs, else CPUs / 2].")
 @shared(progress_opt, json_opt)
 def detect(scenes, output, progress, as_json, **options):
     """Detect objects in SCENE(s) (files, folders or quoted globs) with a trained checkpoint."""

@@ -57,8 +57,12 @@ from geonet.write import FORMAT_EXTENSIONS, FORMATS, FeatureBatch, output_format
 
 log = logging.getLogger(__name__)
 
+#: Where scenes run: this process, or Ray tasks (:mod:`geonet.ray_engine`).
+ENGINES = ("local", "ray")
+
 __all__ = ["DetectConfig", "Detector", "ScenePlan", "TileReader", "plan_scene", "detect_scene", "detect", "parse_overlap",
-           "tile_batches", "fill_values"]
+           "tile_batches", "fill_values", "scenes_to_do", "scene_config", "resolve_outputs", "DetectReport",
+           "SceneResult"]
 
 
 @dataclass
@@ -86,7 +90,10 @@ class DetectConfig:
         preview: PNG path of a preview (several scenes: one PNG beside each output).
         resume: skip scenes whose output exists.
         overwrite: replace existing outputs (without it or ``resume``, an existing output is an error).
-        format: output format when the output is a folder (``geojson``, ``gpkg``, ``shp``).
+        format: output format when the output is a folder (``geojson``, ``gpkg``, ``shp``, ``fgb``, ``parquet``).
+        engine: ``local`` (this process) or ``ray`` (scenes as tasks on a Ray cluster, :mod:`geonet.ray_engine`).
+        address: the Ray cluster (``auto``, ``HOST:PORT``); default: a local Ray instance.
+        actors: Ray actors (detectors) at once (default: the cluster's GPUs, else one per 2 CPUs).
     """
 
     model: str
@@ -109,11 +116,15 @@ class DetectConfig:
     resume: bool = False
     overwrite: bool = False
     format: str = "geojson"
+    engine: str = "local"
+    address: str | None = None
+    actors: int | None = None
 
 
 def _check_config(cfg: DetectConfig) -> None:
     """Raise :class:`InputError` for out-of-range options (before the model is loaded)."""
-    for name, v, lo in (("--tile", cfg.tile, 32), ("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0)):
+    for name, v, lo in (("--tile", cfg.tile, 32), ("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0),
+                        ("--actors", cfg.actors, 1)):
         if v is not None and v < lo:
             raise InputError(f"{name} must be >= {lo}, got {v}.", fix=f"e.g. {name} {max(lo, 2)}, or leave it out.")
     for name, v in (("--score-thresh", cfg.score_thresh), ("--nms-iou", cfg.nms_iou), ("--merge-iou", cfg.merge_iou)):
@@ -121,6 +132,8 @@ def _check_config(cfg: DetectConfig) -> None:
             raise InputError(f"{name} must be in [0, 1], got {v}.", fix=f"e.g. {name} 0.5, or leave it out.")
     if cfg.coord_precision < 0:
         raise InputError(f"--precision must be >= 0, got {cfg.coord_precision}.", fix="e.g. --precision 7.")
+    if cfg.engine not in ENGINES:
+        raise InputError(f"--engine {cfg.engine!r}: choose {' or '.join(ENGINES)}.")
     parse_overlap(cfg.overlap)
 
 
@@ -738,6 +751,31 @@ def resolve_outputs(scenes: Sequence[str], output: str | os.PathLike[str], fmt: 
     return paths, outs
 
 
+def scenes_to_do(outs: Sequence[Path], cfg: DetectConfig) -> tuple[list[int], int]:
+    """Indices of the scenes to detect and how many were skipped as done (``cfg.resume``: an existing
+    output is complete, outputs being written atomically). Removes temporary files of killed runs.
+
+    Raises:
+        InputError: an output exists and neither ``cfg.resume`` nor ``cfg.overwrite`` is set.
+    """
+    existing = [o for o in outs if o.exists()]
+    if existing and not (cfg.resume or cfg.overwrite):
+        raise InputError(f"-o {existing[0]} exists" + (f" ({len(existing)} outputs exist)" if len(existing) > 1 else "")
+                         + ".", fix="pass --overwrite to replace it, --resume to keep finished scenes, or choose "
+                                    "another output.")
+    for o in outs:
+        remove_stale(o)  # temporary files of earlier runs that were killed
+    todo = [i for i, o in enumerate(outs) if not (cfg.resume and o.exists())]
+    return todo, len(outs) - len(todo)
+
+
+def scene_config(cfg: DetectConfig, output: Path, n_scenes: int) -> DetectConfig:
+    """The options of one scene among ``n_scenes``: with several, the preview goes beside each output."""
+    if cfg.preview and n_scenes > 1:
+        return DetectConfig(**{**asdict(cfg), "preview": str(output.with_suffix(".png"))})
+    return cfg
+
+
 def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectConfig, *,
            show_progress: bool | None = None, on_scene=None) -> DetectReport:
     """Detect objects in one or many scenes.
@@ -759,29 +797,23 @@ def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectCon
 
     t0 = time.perf_counter()
     _check_config(cfg)
+    if cfg.engine == "ray":
+        from geonet.ray_engine import detect_ray
+
+        return detect_ray(scenes, output, cfg, on_scene=on_scene)
     paths, outs = resolve_outputs(scenes, output, cfg.format)
     det = Detector(cfg.model, device=cfg.device, precision=cfg.amp, score_thresh=cfg.score_thresh, nms_iou=cfg.nms_iou,
                    tta=cfg.tta)
-    todo, done_before, results = [], 0, []
+    todo, done_before = scenes_to_do(outs, cfg)
+    results: list[SceneResult] = []
     plans: dict[int, ScenePlan | GeonetError] = {}
-    existing = [o for o in outs if o.exists()]
-    if existing and not (cfg.resume or cfg.overwrite):
-        raise InputError(f"-o {existing[0]} exists" + (f" ({len(existing)} outputs exist)" if len(existing) > 1 else "")
-                         + ".", fix="pass --overwrite to replace it, --resume to keep finished scenes, or choose "
-                                    "another output.")
-    for o in outs:
-        remove_stale(o)  # temporary files of earlier runs that were killed
-    for i, (p, o) in enumerate(zip(paths, outs)):
-        if cfg.resume and o.exists():
-            done_before += 1
-            continue
+    for i in todo:
         try:
-            plans[i] = plan_scene(p, det, cfg)
+            plans[i] = plan_scene(paths[i], det, cfg)
         except GeonetError as exc:
             if len(paths) == 1:
                 raise
             plans[i] = exc
-        todo.append(i)
     total = sum(pl.grid.n_tiles for pl in plans.values() if isinstance(pl, ScenePlan))
     if show_progress is None:
         show_progress = sys.stderr.isatty()
@@ -798,11 +830,8 @@ def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectCon
                 on_scene(results[-1])
             continue
         bar.set_postfix_str(p.name)
-        cfg_i = cfg
-        if cfg.preview and len(paths) > 1:
-            cfg_i = DetectConfig(**{**asdict(cfg), "preview": str(o.with_suffix(".png"))})
         try:
-            results.append(detect_scene(p, det, cfg_i, o, plan=pl, progress=bar))
+            results.append(detect_scene(p, det, scene_config(cfg, o, len(paths)), o, plan=pl, progress=bar))
         except GeonetError as exc:
             if len(paths) == 1:
                 bar.close()

@@ -1,0 +1,119 @@
+"""``geonet detect --engine ray``: a local Ray instance (2 CPUs); outputs equal the plain command's whatever the
+number of actors, a killed worker is retried, ``--resume`` skips finished scenes."""
+
+import os
+import sys
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from geonet.checkpoint import CheckpointHeader, save_checkpoint
+from geonet.cli.main import cli
+from geonet.detect import DetectConfig, detect
+from geonet.model import ModelConfig, build_model
+from test_detect import scene
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'geonet[ray]')")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, object_store_memory=100 * 2**20)
+    yield
+    ray.shutdown()
+
+
+def busy_ckpt(path):
+    """A random ResNet-18 RetinaNet whose classification bias is 0: scores spread over (0, 1), many boxes."""
+    cfg = ModelConfig(backbone="resnet18", num_classes=1, in_channels=1, mean=[100.0], std=[50.0],
+                      anchor_sizes=(16, 32, 64, 128, 256))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    torch.nn.init.zeros_(model.head.classification_head.cls_logits.bias)
+    stats = [5, 8, 20, 35, 40]
+    save_checkpoint(path, model, CheckpointHeader(
+        model_config=cfg, classes=["thing"], bands=[1], dtype="uint16", gsd=[0.1, 0.1], chip_size=128,
+        box_stats={"width": stats, "height": stats, "side": stats}, metrics={}, epoch=0))
+    return path
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ray")
+    ck = busy_ckpt(tmp / "m.pt")
+    rng = np.random.default_rng(3)
+    scenes = []
+    for k, (w, h) in enumerate([(300, 260), (420, 300), (260, 260)]):
+        xy = rng.uniform(0, min(w, h) - 40, size=(6, 2))
+        objects = np.concatenate([xy, xy + rng.uniform(10, 35, size=(6, 2))], axis=1)
+        scenes.append(str(scene(tmp, objects, w, h, name=f"s{k}.tif")))
+    cfg = dict(model=str(ck), amp="32", score_thresh=0.3, workers=1, batch_size=2)
+    plain = tmp / "plain"
+    rep = detect(scenes, str(plain) + os.sep, DetectConfig(**cfg), show_progress=False)
+    assert rep.ok and sum(r.detections for r in rep.scenes) > 30  # enough boxes for the comparison to mean something
+    return tmp, scenes, cfg, plain
+
+
+def features(path):
+    g = gpd.read_file(path)
+    return g.geometry.bounds.to_numpy(), g["score"].to_numpy(), g["label"].to_numpy()
+
+
+def assert_same(a_dir, b_dir, names):
+    for n in names:
+        (ba, sa, la), (bb, sb, lb) = features(a_dir / n), features(b_dir / n)
+        assert len(sa) == len(sb), n
+        order_a, order_b = np.lexsort(ba.T), np.lexsort(bb.T)
+        np.testing.assert_allclose(ba[order_a], bb[order_b], atol=1e-7)  # degrees: ~1 cm
+        np.testing.assert_allclose(sa[order_a], sb[order_b], atol=1e-5)
+        assert (la[order_a] == lb[order_b]).all()
+
+
+NAMES = ["s0.geojson", "s1.geojson", "s2.geojson"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("actors", [1, 2])
+def test_ray_equals_plain_detect(local_ray, job, actors):
+    tmp, scenes, cfg, plain = job
+    out = tmp / f"ray{actors}"
+    rep = detect(scenes, str(out) + os.sep, DetectConfig(**cfg, engine="ray", actors=actors))
+    assert rep.ok and len(rep.scenes) == 3
+    assert_same(plain, out, NAMES)
+
+
+@pytest.mark.slow
+def test_ray_killed_worker_is_retried_and_resume_skips(local_ray, job):
+    from geonet.ray_engine import detect_ray
+
+    tmp, scenes, cfg, plain = job
+    marker = tmp / "died"
+
+    def die_once(scene_path):  # pickled by value into the actor: the worker process dies on its first s1
+        if scene_path.endswith("s1.tif") and not marker.exists():
+            marker.touch()
+            os._exit(1)
+
+    out = tmp / "killed"
+    rep = detect_ray(scenes, str(out) + os.sep, DetectConfig(**cfg, engine="ray", actors=2), before_scene=die_once)
+    assert marker.exists(), "the worker was not killed"
+    assert rep.ok and len(rep.scenes) == 3
+    assert_same(plain, out, NAMES)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rep = detect(scenes, str(out) + os.sep, DetectConfig(**cfg, engine="ray", resume=True))
+    assert rep.skipped_done == 3 and rep.scenes == []
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def test_engine_ray_without_ray_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    from test_detect import make_ckpt
+
+    ck = make_ckpt(tmp_path / "m.pt")
+    s = scene(tmp_path, np.array([[10.0, 10, 30, 30]]), 200, 200)
+    res = CliRunner().invoke(cli, ["detect", str(s), "-m", str(ck), "-o", str(tmp_path / "o.geojson"), "--engine", "ray"])
+    assert res.exit_code == 2 and "pip install 'geonet[ray]'" in res.output and "Traceback" not in res.output
