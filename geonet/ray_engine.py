@@ -26,7 +26,7 @@ from pathlib import Path
 
 from geonet.detect import (DetectConfig, DetectReport, Detector, SceneResult, _check_config, detect_scene,
                            resolve_outputs, scene_config, scenes_to_do)
-from geonet.errors import GeonetError, InputError
+from geonet.errors import GeonetError, InputError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,14 @@ def detect_ray(scenes: Sequence[str], output: str | os.PathLike[str], cfg: Detec
     started = False
     if not ray.is_initialized():
         local = cfg.address is None
-        ray.init(address=cfg.address, include_dashboard=False, configure_logging=False,
-                 object_store_memory=OBJECT_STORE_BYTES if local else None)
+        try:
+            ray.init(address=cfg.address, include_dashboard=False, configure_logging=False,
+                     object_store_memory=OBJECT_STORE_BYTES if local else None)
+        except Exception as exc:  # ConnectionError, a bad address, a cluster of another Ray version...
+            where = f"the Ray cluster at {cfg.address}" if cfg.address else "a local Ray instance"
+            raise RunError(f"--engine ray: cannot start or reach {where} ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}).",
+                           fix="check --address (auto, HOST:PORT) and that `ray status` works there.") from None
         started = True
     results: list[SceneResult] = []
     failed = 0
@@ -116,8 +122,9 @@ def detect_ray(scenes: Sequence[str], output: str | os.PathLike[str], cfg: Detec
         n = cfg.actors or (gpus if use_gpu else max(1, cpus // 2))
         n = max(1, min(n, len(todo)))
         threads = max(1, cpus // n)
+        # shares, not whole units: more actors than GPUs or CPUs share them instead of waiting forever
         remote = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)(SceneWorker).options(
-            num_cpus=threads, num_gpus=1 if use_gpu else 0)
+            num_cpus=min(threads, cpus / n), num_gpus=min(1.0, gpus / n) if use_gpu else 0)
         cfg_dict = asdict(cfg)
         workers = [remote.remote(cfg_dict, len(paths), threads, before_scene) for _ in range(n)] if todo else []
         log.info("ray: %d actor(s) of %d CPU(s)%s for %d scene(s)", n, threads, " and 1 GPU" if use_gpu else "",
