@@ -80,11 +80,9 @@ def geonet(*args: str, log: Path) -> float:
 
 def operating_score(ckpt: Path) -> float:
     """The checkpoint's operating point: the score threshold ``geonet detect`` applies by default."""
-    import torch
+    from geonet.detect import Detector
 
-    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
-    op = (ck.get("metrics") or {}).get("operating_point") or {}
-    return float(op.get("score_thresh", ck["model_config"]["score_thresh"]))
+    return float(Detector(ckpt, device="cpu", precision="32").model.score_thresh)
 
 
 def train_and_evaluate(name: str, out: Path, flags: str, train_args: list[str], eval_args: list[str],
