@@ -418,24 +418,24 @@ def test_bf16_training_on_small_chips_stays_finite(tmp_path):
 
 
 def test_epoch_sampler_splits_across_processes(monkeypatch):
-    """With a process group: training shares are padded to equal length, validation covers every image once."""
+    """With a process group: equal shares (padded with repeats), every image in some share, the same order as
+    one process for the same global batch."""
     from geonet.training.data import EpochSampler
 
-    n, world = 11, 3
-    for pad in (True, False):
+    for n, world in ((11, 3), (1, 2), (8, 2)):
         shares = []
         for rank in range(world):
             monkeypatch.setattr(EpochSampler, "_group", staticmethod(lambda rank=rank: (rank, world)))
-            s = EpochSampler(n, seed=5, shuffle=pad, pad=pad)
+            s = EpochSampler(n, seed=5)
             s.set_epoch(2)
-            idx = [i for i, _ in s]
-            assert len(idx) == len(s)
-            shares.append(idx)
-        flat = sorted(i for share in shares for i in share)
-        if pad:  # equal steps in every process; every image at least once, 1 repeated
-            assert {len(x) for x in shares} == {4} and set(flat) == set(range(n)) and len(flat) == 12
-        else:  # validation: every image exactly once
-            assert flat == list(range(n))
+            shares.append([i for i, _ in s])
+            assert len(shares[-1]) == len(s) == -(-n // world)
+        assert set(i for share in shares for i in share) == set(range(n))
+        monkeypatch.setattr(EpochSampler, "_group", staticmethod(lambda: (0, 1)))
+        single = EpochSampler(n, seed=5)
+        single.set_epoch(2)
+        interleaved = [share[k] for k in range(len(shares[0])) for share in shares][:n]
+        assert interleaved == [i for i, _ in single]
 
 
 @pytest.mark.slow

@@ -281,17 +281,17 @@ class EpochSampler(torch.utils.data.Sampler):
     seed, epoch and index (see :mod:`geonet.datasets`). Lightning calls :meth:`set_epoch`.
 
     **Several processes (DDP).** When a ``torch.distributed`` process group is up, every process draws the
-    same permutation and takes every ``world``-th index from its rank on (the split of PyTorch's
-    ``DistributedSampler``). For training (``pad=True``) the permutation is padded with its own first
-    indices to a multiple of ``world``, so every process runs the same number of steps (DDP needs that);
-    for validation (``pad=False``) nothing is repeated, so every image is scored exactly once.
+    same permutation, padded with its own first indices to a multiple of ``world``, and takes every
+    ``world``-th index from its rank on (the split of PyTorch's ``DistributedSampler``): every process runs
+    the same number of batches (DDP's gradient sync and the validation gather need that, even when there
+    are fewer validation images than processes). Validation drops the padded repeats after gathering
+    (:meth:`geonet.training.task.DetectionTask.on_validation_epoch_end`), so each image is scored once.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, pad: bool | None = None):
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
         self.n = n
         self.seed = seed
         self.shuffle = shuffle
-        self.pad = shuffle if pad is None else pad
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -305,13 +305,12 @@ class EpochSampler(torch.utils.data.Sampler):
         return 0, 1
 
     @staticmethod
-    def shard_length(n: int, world: int, rank: int = 0, pad: bool = True) -> int:
+    def shard_length(n: int, world: int) -> int:
         """Samples one process draws per epoch out of ``n`` split over ``world`` processes."""
-        return math.ceil(n / world) if pad else len(range(rank, n, world))
+        return math.ceil(n / world)
 
     def __len__(self) -> int:
-        rank, world = self._group()
-        return self.shard_length(self.n, world, rank, self.pad)
+        return self.shard_length(self.n, self._group()[1])
 
     def __iter__(self):
         epoch_seed = self.seed * 100_003 + self.epoch
@@ -323,7 +322,5 @@ class EpochSampler(torch.utils.data.Sampler):
             order = list(range(self.n))
         rank, world = self._group()
         if world > 1:
-            if self.pad and self.n % world:
-                order += (order * world)[:world - self.n % world]
-            order = order[rank::world]
+            order = (order * world)[:self.shard_length(self.n, world) * world][rank::world]
         return iter([(i, epoch_seed) for i in order])

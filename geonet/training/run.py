@@ -280,7 +280,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         log_every_n_steps=max(1, min(10, steps_per_epoch)), gradient_clip_val=cfg.optim.grad_clip or None,
         enable_progress_bar=progress, limit_train_batches=cfg.limit_train_batches,
         limit_val_batches=1.0 if val_loader is not None else 0, default_root_dir=str(run),
-        use_distributed_sampler=False)  # EpochSampler splits the data itself (no padded validation)
+        use_distributed_sampler=False)  # EpochSampler splits the data (validation drops its padded repeats)
     with warnings.catch_warnings():
         for msg in (".*does not have many workers.*", ".*The number of training batches.*",
                     ".*exists and is not empty.*", ".*LeafSpec.*"):

@@ -144,7 +144,7 @@ class DetectionTask(pl.LightningModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, dets)
-            dets = [d for part in gathered for d in part]
+            dets = list({d[0]: d for part in gathered for d in part}.values())  # padded repeats scored once
         m = choose_operating_point(self.val_gt, dets, len(self.classes))
         self.last_metrics = m
         self.log("val/AP", m["AP"], prog_bar=True, sync_dist=False)
