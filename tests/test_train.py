@@ -463,3 +463,33 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     assert one["best_metrics"]["AP50"] > 0.2, (one["best_metrics"], ddp["best_metrics"])  # it learned: the comparison means something
     assert abs(ddp["best_metrics"]["AP"] - one["best_metrics"]["AP"]) <= 0.02, (one["best_metrics"],
                                                                                 ddp["best_metrics"])
+
+
+@pytest.mark.slow
+def test_ddp_ctrl_c_then_resume(scenes):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) stops both DDP processes with exit 130 and one
+    error line; --resume with the saved configuration (2 processes) finishes the schedule."""
+    tmp, rasters, labels = scenes
+    run = tmp / "ddp"
+    cmd = [sys.executable, "-m", "geonet.cli.main", "train", "--labels", labels, "-o", str(run), "--size", "64",
+           "--backbone", "resnet18", "--weights", "none", "--no-fit-anchors", "--batch-size", "2", "--amp", "32",
+           "--anchor-sizes", "16,32,64,128,256", "--epochs", "30", "--device", "cpu", "--devices", "2",
+           "--no-progress"]
+    for r in rasters:
+        cmd += ["--imagery", r]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    t0 = time.time()
+    while not (run / "last.pt").exists() and time.time() - t0 < 300 and proc.poll() is None:
+        time.sleep(0.2)
+    assert (run / "last.pt").exists(), proc.communicate()[1][-2000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.count("Error: training interrupted") == 1 and "Traceback" not in err
+    assert torch.load(run / "last.ckpt", weights_only=True)["epoch"] < 29
+    res = subprocess.run([sys.executable, "-m", "geonet.cli.main", "train", "--resume", "-o", str(run), "--no-progress",
+                          "--json"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["processes"] == 2
+    ck = torch.load(run / "last.ckpt", weights_only=True)
+    assert ck["epoch"] == 29 and header(run / "last.pt").epoch == 29

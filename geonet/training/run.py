@@ -283,13 +283,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         use_distributed_sampler=False)  # EpochSampler splits the data (validation drops its padded repeats)
     with warnings.catch_warnings():
         for msg in (".*does not have many workers.*", ".*The number of training batches.*",
-                    ".*exists and is not empty.*", ".*LeafSpec.*"):
+                    ".*exists and is not empty.*", ".*LeafSpec.*",
+                    ".*sync_dist=True.*"):  # validation metrics are computed from every process's detections
             warnings.filterwarnings("ignore", message=msg)
         try:
             with interrupt:
                 trainer.fit(task, train_dataloaders=train_loader, val_dataloaders=val_loader,
                             ckpt_path=str(run / "last.ckpt") if resume else None, weights_only=True)
         except SystemExit:  # Lightning's handling of KeyboardInterrupt ends with sys.exit(1)
+            if trainer.global_rank != 0:  # another DDP process: rank 0 reports the interruption
+                raise SystemExit(TrainingInterrupted.exit_code) from None
             done = trainer.current_epoch
             raise TrainingInterrupted(
                 f"training interrupted during epoch {done}; {run / 'last.ckpt'} holds the state after "

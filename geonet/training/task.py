@@ -122,9 +122,10 @@ class DetectionTask(pl.LightningModule):
                 f"checkpoint in {self.trainer.default_root_dir} is kept.",
                 fix="lower --lr (or add --grad-clip 10) and --resume.")
         bs = len(images)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log("train/cls", losses["classification"], on_step=False, on_epoch=True, batch_size=bs)
-        self.log("train/box", losses["bbox_regression"], on_step=False, on_epoch=True, batch_size=bs)
+        # sync_dist: with DDP the logged losses are the mean over processes (a no-op in one process)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("train/cls", losses["classification"], on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log("train/box", losses["bbox_regression"], on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return loss
 
     def on_validation_epoch_start(self):
