@@ -69,6 +69,12 @@ class SceneWorker:
             return SceneResult(scene=scene, output=output, error=str(exc))
 
 
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (Ray's errors carry whole remote tracebacks)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
 def _import_ray():
     try:
         import ray
@@ -109,8 +115,7 @@ def detect_ray(scenes: Sequence[str], output: str | os.PathLike[str], cfg: Detec
                      object_store_memory=OBJECT_STORE_BYTES if local else None)
         except Exception as exc:  # ConnectionError, a bad address, a cluster of another Ray version...
             where = f"the Ray cluster at {cfg.address}" if cfg.address else "a local Ray instance"
-            raise RunError(f"--engine ray: cannot start or reach {where} ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}).",
+            raise RunError(f"--engine ray: cannot start or reach {where} ({_first_line(exc)}).",
                            fix="check --address (auto, HOST:PORT) and that `ray status` works there.") from None
         started = True
     results: list[SceneResult] = []
@@ -141,8 +146,7 @@ def detect_ray(scenes: Sequence[str], output: str | os.PathLike[str], cfg: Detec
                 r = ray.get(done)
             except ray.exceptions.RayError as exc:  # still failing after RETRIES restarts
                 r = SceneResult(scene=str(paths[i]), output=str(outs[i]),
-                                error=f"{paths[i]}: the Ray task failed after {RETRIES} retries "
-                                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+                                error=f"{paths[i]}: the Ray task failed after {RETRIES} retries ({_first_line(exc)})")
             free.append(a)
             if r.error:
                 log.error("%s", r.error)
