@@ -370,6 +370,11 @@ def _(w):
     return train_args(w, "t1", "--epochs", "0"), 2, "--epochs", True
 
 
+@case("train/num-nodes-zero")
+def _(w):
+    return train_args(w, "t2n", "--num-nodes", "0"), 2, "--num-nodes", True
+
+
 @case("train/steps-zero")
 def _(w):
     return train_args(w, "t2", "--steps", "0"), 2, "--steps", True
@@ -620,6 +625,11 @@ def _(w):
 @case("detect/nms-iou")
 def _(w):
     return detect_args(w, w.scene, "d19.geojson", "--nms-iou", "1.5"), 2, "--nms-iou", True
+
+
+@case("detect/actors-zero")
+def _(w):
+    return detect_args(w, w.scene, "d20a.geojson", "--engine", "ray", "--actors", "0"), 2, "--actors", True
 
 
 @case("detect/batch-zero")

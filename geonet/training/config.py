@@ -212,9 +212,10 @@ class TrainConfig:
         if self.amp not in AMP_CHOICES:
             raise InputError(f"--amp {self.amp!r}: choose auto, 32, bf16 or 16.")
         if self.devices < 1:
-            raise InputError(f"--devices must be >= 1, got {self.devices}.")
+            raise InputError(f"--devices must be >= 1, got {self.devices}.", fix="e.g. --devices 2, or leave it out.")
         if self.num_nodes < 1:
-            raise InputError(f"--num-nodes must be >= 1, got {self.num_nodes}.")
+            raise InputError(f"--num-nodes must be >= 1, got {self.num_nodes}.",
+                             fix="e.g. --num-nodes 2, or leave it out.")
         if self.augment not in AUGMENT_CHOICES:
             raise InputError(f"--augment {self.augment!r}: choose {', '.join(AUGMENT_CHOICES)}.")
 
