@@ -30,7 +30,7 @@ def test_outputs_open_in_qgis(tmp_path):
     objects = np.array([[10.0, 10, 30, 30], [100, 120, 140, 150], [200, 40, 230, 90]])
     s = scene(tmp_path, objects, 300, 260)
     outs = []
-    for ext in (".geojson", ".gpkg", ".shp"):
+    for ext in (".geojson", ".gpkg", ".shp", ".fgb"):  # GeoParquet: Debian's GDAL has no Parquet driver
         o = tmp_path / f"det_{ext[1:]}{ext}"
         detect_scene(s, oracle(ck), DetectConfig(model=str(ck), workers=0), o)
         outs.append(str(o))
@@ -48,6 +48,7 @@ def test_outputs_open_in_qgis(tmp_path):
         assert x["overlaps"], x
     assert by_ext[".geojson"]["crs"] == "EPSG:4326"
     assert by_ext[".gpkg"]["crs"] == "EPSG:32618" and by_ext[".shp"]["crs"] == "EPSG:32618"
+    assert by_ext[".fgb"]["crs"] in ("EPSG:32618", "EPSG:4326"), by_ext[".fgb"]
     # the style embedded in the GeoPackage (and the .qml sidecars) is applied
     for ext in (".gpkg", ".geojson", ".shp"):
         assert by_ext[ext]["renderer"] == "graduatedSymbol" and by_ext[ext]["attribute"] == "score", by_ext[ext]
