@@ -57,6 +57,9 @@ D = DetectConfig(model="")
               help="Ray cluster of --engine ray [default: a local Ray instance].")
 @click.option("--actors", type=int, default=None,
               help="Ray actors (one model each) of --engine ray [default: the cluster's GPUs, else CPUs / 2].")
+@click.option("--band-tiles", type=int, default=None, show_default=str(D.band_tiles),
+              help="--engine ray: split a scene of more tiles into bands of about this many tiles, detected in "
+                   "parallel and joined by the seam merge (0: never split).")
 @shared(progress_opt, json_opt)
 def detect(scenes, output, progress, as_json, **options):
     """Detect objects in SCENE(s) (files, folders or quoted globs) with a trained checkpoint."""

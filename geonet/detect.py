@@ -33,7 +33,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 #: Where scenes run: this process, or Ray tasks (:mod:`geonet.ray_engine`).
 ENGINES = ("local", "ray")
 
-__all__ = ["DetectConfig", "Detector", "ScenePlan", "TileReader", "plan_scene", "detect_scene", "detect", "parse_overlap",
+__all__ = ["DetectConfig", "Detector", "ScenePlan", "TileReader", "TileDetections", "plan_scene", "tile_detections",
+           "write_scene", "batch_size", "detect_scene", "detect", "parse_overlap",
            "tile_batches", "fill_values", "scenes_to_do", "scene_config", "resolve_outputs", "DetectReport",
            "SceneResult"]
 
@@ -94,6 +95,8 @@ class DetectConfig:
         engine: ``local`` (this process) or ``ray`` (scenes as tasks on a Ray cluster, :mod:`geonet.ray_engine`).
         address: the Ray cluster (``auto``, ``HOST:PORT``); default: a local Ray instance.
         actors: Ray actors (detectors) at once (default: the cluster's GPUs, else one per 2 CPUs).
+        band_tiles: with the Ray engine, a scene of more tiles is split into bands of about this many
+            tiles, detected in parallel and joined by the seam merge (0: never split).
     """
 
     model: str
@@ -119,14 +122,16 @@ class DetectConfig:
     engine: str = "local"
     address: str | None = None
     actors: int | None = None
+    band_tiles: int = 1024
 
 
 def _check_config(cfg: DetectConfig) -> None:
     """Raise :class:`InputError` for out-of-range options (before the model is loaded)."""
-    for name, v, lo in (("--tile", cfg.tile, 32), ("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0),
-                        ("--actors", cfg.actors, 1)):
+    for name, v, lo, eg in (("--tile", cfg.tile, 32, 512), ("--batch-size", cfg.batch_size, 1, 2),
+                            ("--workers", cfg.workers, 0, 2), ("--actors", cfg.actors, 1, 2),
+                            ("--band-tiles", cfg.band_tiles, 0, 1024)):
         if v is not None and v < lo:
-            raise InputError(f"{name} must be >= {lo}, got {v}.", fix=f"e.g. {name} {max(lo, 2)}, or leave it out.")
+            raise InputError(f"{name} must be >= {lo}, got {v}.", fix=f"e.g. {name} {eg}, or leave it out.")
     for name, v in (("--score-thresh", cfg.score_thresh), ("--nms-iou", cfg.nms_iou), ("--merge-iou", cfg.merge_iou)):
         if v is not None and not 0 <= v <= 1:
             raise InputError(f"{name} must be in [0, 1], got {v}.", fix=f"e.g. {name} 0.5, or leave it out.")
@@ -518,7 +523,8 @@ class _Pipeline:
                     t0 = time.perf_counter()
                     data = torch.from_numpy(item["data"])
                     outs = self.det(data.pin_memory() if cuda else data)
-                    self.seconds_model += time.perf_counter() - t0
+                    item["seconds_model"] = time.perf_counter() - t0
+                    self.seconds_model += item["seconds_model"]
                 self._put((item, outs))
             self._put(self._DONE)
         except BaseException as exc:  # handed to the caller's thread, which raises it
@@ -609,6 +615,75 @@ def tile_batches(grid: TileGrid, size: int) -> list[list[tuple[int, int]]]:
     return [tiles[i:i + size] for i in range(0, len(tiles), size)]
 
 
+@dataclass
+class TileDetections:
+    """The detections of one batch of tiles, kept where they lie on the scene (:func:`_inside`).
+
+    Attributes:
+        tiles: ``(row, col)`` of the tiles the model ran on; ``skipped``: tiles that were all nodata.
+        boxes: per tile, ``[N, 4]`` float32 xyxy in the tile's pixel frame; ``scores`` ``[N]`` float32;
+            ``labels`` ``[N]`` int64 (1..K). Tensors on the model's device, or arrays after :meth:`to_host`.
+        data: the tiles' pixels ``[B, C, tile, tile]`` for a preview, or ``None``.
+        thumbnails: the tiles subsampled for a preview (:meth:`geonet.preview.PreviewCanvas.thumbnails`),
+            or ``None``: what travels instead of ``data`` (:mod:`geonet.ray_engine`).
+        seconds_model: seconds of the model call.
+    """
+
+    tiles: list[tuple[int, int]]
+    skipped: list[tuple[int, int]]
+    boxes: list = field(default_factory=list)
+    scores: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    data: np.ndarray | None = None
+    thumbnails: list[np.ndarray] | None = None
+    seconds_model: float = 0.0
+
+    def to_host(self, grid: TileGrid | None = None) -> TileDetections:
+        """A copy with NumPy arrays and no pixels (small, to pickle); with ``grid``, preview thumbnails."""
+        thumbs = PreviewCanvas.thumbnails(grid, self.data, self.tiles) if grid is not None and self.data is not None \
+            else self.thumbnails
+        return TileDetections(tiles=list(self.tiles), skipped=list(self.skipped),
+                              boxes=[b.cpu().numpy() for b in self.boxes], scores=[x.cpu().numpy() for x in self.scores],
+                              labels=[x.cpu().numpy() for x in self.labels], thumbnails=thumbs,
+                              seconds_model=self.seconds_model)
+
+
+def tile_detections(path: str | os.PathLike[str], det: Detector, plan: ScenePlan, cfg: DetectConfig,
+                    batches: list[list[tuple[int, int]]], *, keep_data: bool = False) -> Iterator[TileDetections]:
+    """Run the detector over ``batches`` of ``plan``'s tiles (:func:`tile_batches`, or a run of them): reader
+    threads, the model in its own thread (module docstring, steps 3-4); one :class:`TileDetections` per
+    batch, in order. ``keep_data``: keep the pixels (for a preview). Closing the generator stops the readers
+    and the model.
+
+    Raises:
+        RunError: the scene fails to decode.
+    """
+    grid = plan.grid
+    workers = cfg.workers if cfg.workers is not None else min(4, max(1, (os.cpu_count() or 2) // 2))
+    reader = TileReader(plan, batches, fill_values(det, plan.info.dtype))
+    pipeline = _Pipeline(reader, det, workers=workers, path=path)
+    try:
+        for item, outs in pipeline:
+            td = TileDetections(tiles=item["tiles"], skipped=item["skipped"],
+                                data=item["data"] if keep_data else None,
+                                seconds_model=item.get("seconds_model", 0.0))
+            if item["tiles"]:
+                valid = torch.from_numpy(item["valid"]).to(det.device)
+                for (r, c), o, v in zip(item["tiles"], outs, valid):
+                    keep, boxes = _inside(o["boxes"], v, grid, r, c)
+                    td.boxes.append(boxes[keep])
+                    td.scores.append(o["scores"][keep])
+                    td.labels.append(o["labels"][keep])
+            yield td
+    finally:  # a failed writer (full disk, file-size limit) or Ctrl-C stops the readers and the model at once
+        pipeline.close()
+
+
+def batch_size(cfg: DetectConfig, device: torch.device | str) -> int:
+    """Tiles per model call: ``cfg.batch_size``, else 16 on CUDA and 2 on the CPU."""
+    return cfg.batch_size or (16 if torch.device(device).type == "cuda" else 2)
+
+
 def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig, output: str | os.PathLike[str], *,
                  plan: ScenePlan | None = None, progress=None) -> SceneResult:
     """Detect objects in one scene and write them to ``output`` (streamed, atomic).
@@ -629,24 +704,40 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
     plan = plan or plan_scene(path, det, cfg)
     for w in plan.warnings:
         log.warning("%s: %s", path, w)
+    parts = tile_detections(path, det, plan, cfg, tile_batches(plan.grid, batch_size(cfg, det.device)),
+                            keep_data=bool(cfg.preview))
+    return write_scene(path, det, plan, cfg, output, parts, progress=progress, t_start=t_start)
+
+
+def write_scene(path: str | os.PathLike[str], det: Detector, plan: ScenePlan, cfg: DetectConfig,
+                output: str | os.PathLike[str], parts: Iterable[TileDetections], *, progress=None,
+                t_start: float | None = None, run_on: tuple[str, str] | None = None) -> SceneResult:
+    """Merge a scene's tile detections across seams (:class:`geonet.merge.SeamMerger`, module docstring
+    step 5) and write them to ``output`` (streamed, atomic; step 6).
+
+    Args:
+        parts: every tile of ``plan.grid`` exactly once, in row-major order (:func:`tile_detections`, or
+            the bands of :mod:`geonet.ray_engine` joined in order).
+        run_on: ``(device, precision)`` the model ran on, for the metadata (default: ``det``'s).
+
+    Raises:
+        RunError: from ``parts``; an incomplete ``parts`` is a :class:`RuntimeError` (a bug).
+    """
+    t_start = time.perf_counter() if t_start is None else t_start
     info, grid = plan.info, plan.grid
     res = SceneResult(scene=str(path), output=str(output), scale=plan.scale, overlap=plan.overlap)
-    cuda = det.device.type == "cuda"
-    bs = cfg.batch_size or (16 if cuda else 2)
-    workers = cfg.workers if cfg.workers is not None else min(4, max(1, (os.cpu_count() or 2) // 2))
-    reader = TileReader(plan, tile_batches(grid, bs), fill_values(det, info.dtype))
     merge_iou = cfg.merge_iou if cfg.merge_iou is not None else det.nms_iou
     merger = SeamMerger(grid, iou_threshold=merge_iou, device=det.device)
     preview = PreviewCanvas(grid, info) if cfg.preview else None
-    sha = det.sha256
+    device, precision = run_on or (det.device.type, det.precision)
     meta = {
-        "geonet_version": geonet.__version__, "model": det.path, "model_sha256": sha, "classes": det.classes,
+        "geonet_version": geonet.__version__, "model": det.path, "model_sha256": det.sha256, "classes": det.classes,
         "scene": str(path), "scene_crs": info.crs_label,
         "scene_gsd_m": info.gsd_mean, "train_gsd_m": det.header.gsd, "resample_scale": plan.scale,
         "tile_px": grid.tile, "overlap_px": plan.overlap, "score_thresh": float(det.model.score_thresh),
         "score_thresh_source": det.score_source,
-        "model_nms_iou": det.nms_iou, "merge_iou": merge_iou, "device": det.device.type,
-        "precision": det.precision, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model_nms_iou": det.nms_iou, "merge_iou": merge_iou, "device": device,
+        "precision": precision, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     scene_name = Path(path).name
 
@@ -659,25 +750,26 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
         return FeatureBatch(geometries=polys, labels=[det.classes[int(k) - 1] for k in d.labels],
                             class_ids=d.labels, scores=d.scores, scene=scene_name, model=det.model_id)
 
-    def merged(item, outs) -> Detections:
-        for (r, c) in item["skipped"]:
+    def merged(td: TileDetections) -> Detections:
+        for (r, c) in td.skipped:
             merger.add(r, c, [], [], [])
-        if item["tiles"]:
-            valid = torch.from_numpy(item["valid"]).to(det.device)
-            for (r, c), o, v in zip(item["tiles"], outs, valid):
-                keep, boxes = _inside(o["boxes"], v, grid, r, c)
-                merger.add(r, c, boxes[keep], o["scores"][keep], o["labels"][keep])
-            if preview is not None:
-                preview.add_tiles(item["data"], item["tiles"])
-        res.tiles += len(item["tiles"])
-        res.tiles_skipped += len(item["skipped"])
+        for (r, c), b, s, lab in zip(td.tiles, td.boxes, td.scores, td.labels):
+            merger.add(r, c, b, s, lab)
+        if preview is not None:
+            if td.data is not None:
+                preview.add_tiles(td.data, td.tiles)
+            elif td.thumbnails is not None:
+                preview.add_thumbnails(td.thumbnails, td.tiles)
+        res.tiles += len(td.tiles)
+        res.tiles_skipped += len(td.skipped)
+        res.seconds_model += td.seconds_model
         if progress is not None:
-            progress.update(len(item["tiles"]) + len(item["skipped"]))
+            progress.update(len(td.tiles) + len(td.skipped))
         return merger.pop_final()
 
     def stream() -> Iterator[FeatureBatch]:
-        for item, outs in pipeline:
-            final = merged(item, outs)
+        for td in parts:
+            final = merged(td)
             if len(final):
                 res.detections += len(final)
                 yield to_features(final)
@@ -686,15 +778,15 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
         if len(final):
             yield to_features(final)
 
-    pipeline = _Pipeline(reader, det, workers=workers, path=path)
     features = stream()
     try:
         write_features(output, features, crs=info.crs_label, metadata=meta, classes=det.classes,
                        precision=cfg.coord_precision)
-    finally:  # a failed writer (full disk, file-size limit) or Ctrl-C stops the readers and the model at once
+    finally:  # a failed writer or Ctrl-C closes the tile source (its readers and model stop at once)
         features.close()
-        pipeline.close()
-    res.seconds_model = pipeline.seconds_model
+        close = getattr(parts, "close", None)
+        if close is not None:
+            close()
     res.max_boxes_held = merger.max_held
     if preview is not None:
         res.preview = str(preview.save(cfg.preview))

@@ -169,6 +169,13 @@ class _Pieces:
                        [o for p in parts for o in p.owner])
 
 
+def _as_tensor(x, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``x`` (tensor, array, list) as a tensor; read-only arrays (as Ray hands them over) are copied."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = x.copy()
+    return torch.as_tensor(x, dtype=dtype, device=device)
+
+
 def _extent_iou(a0, a1, b0, b1):
     """1-D IoU of the extents ``[a0, a1]`` and ``[b0, b1]`` (arrays)."""
     inter = np.clip(np.minimum(a1, b1) - np.maximum(a0, b0), 0, None)
@@ -213,7 +220,7 @@ class SeamMerger:
         """Add tile ``(r, c)``'s detections: ``boxes [N, 4]`` xyxy in the tile's own pixel frame,
         ``scores [N]``, ``labels [N]`` (tensors or arrays, any device)."""
         g, m, dev = self.grid, self.edge_margin, self.device
-        boxes = torch.as_tensor(boxes, dtype=torch.float32, device=dev).reshape(-1, 4)
+        boxes = _as_tensor(boxes, torch.float32, dev).reshape(-1, 4)
         interior = torch.tensor(g.interior_edges(r, c), dtype=torch.bool, device=dev)  # left, top, right, bottom
         edges = torch.stack([boxes[:, 0] <= m, boxes[:, 1] <= m, boxes[:, 2] >= g.tile - m,
                              boxes[:, 3] >= g.tile - m], dim=1) & interior  # [N, 4]
@@ -224,8 +231,8 @@ class SeamMerger:
         core = (cx >= k0) & (cx < k2) & (cy >= k1) & (cy < k3)
         if len(boxes):
             self.rows.setdefault(r, []).append(_Boxes(
-                frame, torch.as_tensor(scores, dtype=torch.float32, device=dev).reshape(-1),
-                torch.as_tensor(labels, dtype=torch.int64, device=dev).reshape(-1), core, edges,
+                frame, _as_tensor(scores, torch.float32, dev).reshape(-1),
+                _as_tensor(labels, torch.int64, dev).reshape(-1), core, edges,
                 torch.tensor([[r, c]], dtype=torch.int64, device=dev).expand(len(boxes), 2)))
         self.done[r] = self.done.get(r, 0) + 1
         held = sum(len(b) for parts in self.rows.values() for b in parts) + sum(len(k) for k in self.kept.values())

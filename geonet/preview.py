@@ -115,7 +115,7 @@ class PreviewCanvas:
 
     def __init__(self, grid: TileGrid, info: RasterInfo):
         self.grid = grid
-        self.step = max(1, math.ceil(max(grid.width, grid.height) / self.MAX_SIDE))
+        self.step = self.step_of(grid)
         h, w = -(-grid.height // self.step), -(-grid.width // self.step)
         nb = min(3, len(info.bands))
         self.canvas = np.zeros((nb, h, w), dtype=np.float32)
@@ -124,13 +124,29 @@ class PreviewCanvas:
         self.boxes: list[np.ndarray] = []
         self.n_boxes = 0
 
+    @classmethod
+    def step_of(cls, grid: TileGrid) -> int:
+        """Detection-frame pixels per canvas pixel (the longer side fits :attr:`MAX_SIDE`)."""
+        return max(1, math.ceil(max(grid.width, grid.height) / cls.MAX_SIDE))
+
+    @classmethod
+    def thumbnails(cls, grid: TileGrid, data: np.ndarray, tiles) -> list[np.ndarray]:
+        """Tiles ``data`` ``[B, C, tile, tile]`` at ``tiles`` ``[(row, col), ...]`` subsampled onto the canvas
+        grid (up to 3 bands each): what :meth:`add_thumbnails` paints. Small enough to send between processes."""
+        s = cls.step_of(grid)
+        return [d[:3, (-grid.ys[r]) % s::s, (-grid.xs[c]) % s::s].copy() for d, (r, c) in zip(data, tiles)]
+
     def add_tiles(self, data: np.ndarray, tiles) -> None:
         """Paint tiles ``data`` ``[B, C, tile, tile]`` at grid positions ``tiles`` ``[(row, col), ...]``."""
+        self.add_thumbnails(self.thumbnails(self.grid, data, tiles), tiles)
+
+    def add_thumbnails(self, thumbs: list[np.ndarray], tiles) -> None:
+        """Paint :meth:`thumbnails` at grid positions ``tiles``."""
         s, g = self.step, self.grid
-        for d, (r, c) in zip(data, tiles):
+        for d, (r, c) in zip(thumbs, tiles):
             y0, x0 = g.ys[r], g.xs[c]
             oy, ox = (-y0) % s, (-x0) % s  # first tile pixel on the canvas grid
-            sub = d[: self.canvas.shape[0], oy::s, ox::s].astype(np.float32)
+            sub = d[: self.canvas.shape[0]].astype(np.float32)
             cy, cx = (y0 + oy) // s, (x0 + ox) // s
             hh = min(sub.shape[1], self.canvas.shape[1] - cy)
             ww = min(sub.shape[2], self.canvas.shape[2] - cx)

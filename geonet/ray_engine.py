@@ -12,6 +12,14 @@ temporary files of killed attempts are removed when the scene is tried again. A 
 is reported and counted in ``DetectReport.failed``; the others go on. ``--resume`` skips the scenes whose
 output exists.
 
+**Large scenes.** A scene of more than ``DetectConfig.band_tiles`` tiles is split into *bands*: runs of
+consecutive tile batches in row-major order (whole tile rows when the batch size divides the row), each
+a task on any actor. A band task returns its tiles' detections (boxes in tile pixels, already limited to
+the scene's valid pixels), not a file; the driver joins the bands in order and runs the seam merge and
+the writer over them, in a thread of its own while the actors go on. The merge sees exactly the tile
+stream of the plain command, so band seams are tile seams: no duplicates, no truncated boxes, the same
+features. A band whose actor dies is retried like a scene.
+
 Ray is an optional dependency: ``pip install 'geonet[ray]'``.
 """
 
@@ -21,16 +29,18 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from geonet.detect import (DetectConfig, DetectReport, Detector, SceneResult, _check_config, detect_scene,
-                           resolve_outputs, scene_config, scenes_to_do)
+from geonet.detect import (DetectConfig, DetectReport, Detector, ScenePlan, SceneResult, TileDetections, _check_config,
+                           batch_size, detect_scene, plan_scene, resolve_outputs, scene_config, scenes_to_do,
+                           tile_batches, tile_detections, write_scene)
 from geonet.errors import GeonetError, InputError, RunError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["detect_ray", "RETRIES"]
+__all__ = ["detect_ray", "SceneWorker", "Band", "split_bands", "RETRIES"]
 
 #: Restarts of a dead actor and retries of its scene.
 RETRIES = 3
@@ -38,17 +48,41 @@ RETRIES = 3
 OBJECT_STORE_BYTES = 100 * 2**20
 
 
+@dataclass
+class Band:
+    """What a band task returns: its batches' :class:`geonet.detect.TileDetections` (NumPy, no pixels),
+    where the model ran (``device``, ``precision``), or an ``error`` (a :class:`GeonetError`'s message)."""
+
+    parts: list[TileDetections] = field(default_factory=list)
+    device: str = "cpu"
+    precision: str = "32"
+    error: str | None = None
+
+
+def split_bands(plan: ScenePlan, batch: int, band_tiles: int) -> list[list[list[tuple[int, int]]]]:
+    """The tile batches of ``plan`` (:func:`geonet.detect.tile_batches`, ``batch`` tiles each) in bands of
+    about ``band_tiles`` tiles (whole batches, row-major order); one band when the scene has at most
+    ``band_tiles`` tiles or ``band_tiles`` is 0."""
+    batches = tile_batches(plan.grid, batch)
+    if band_tiles <= 0 or plan.grid.n_tiles <= band_tiles:
+        return [batches]
+    per = max(1, band_tiles // batch)
+    return [batches[k:k + per] for k in range(0, len(batches), per)]
+
+
 class SceneWorker:
-    """A Ray actor: one detector, scenes one after another.
+    """A Ray actor: one detector, scenes or bands of scenes one after another.
 
     Args:
         cfg: :class:`DetectConfig` as a dict.
         n_scenes: scenes in the whole run (several: one preview beside each output).
         threads: torch threads (the actor's CPUs).
-        before_scene: called with the scene path before each scene, inside the actor (fault-injection tests).
+        before_scene: called with the scene path and the band index (``None`` for a whole scene) before
+            each task, inside the actor (fault-injection tests).
     """
 
-    def __init__(self, cfg: dict, n_scenes: int, threads: int, before_scene: Callable[[str], None] | None = None):
+    def __init__(self, cfg: dict, n_scenes: int, threads: int,
+                 before_scene: Callable[[str, int | None], None] | None = None):
         import torch
 
         torch.set_num_threads(max(1, threads))
@@ -58,15 +92,31 @@ class SceneWorker:
         c = self.cfg
         self.det = Detector(c.model, device=c.device, precision=c.amp, score_thresh=c.score_thresh, nms_iou=c.nms_iou,
                             tta=c.tta)
+        self._plan: tuple[str, ScenePlan] | None = None
 
     def run(self, scene: str, output: str) -> SceneResult:
         """Detect one scene into ``output`` (atomic); a :class:`GeonetError` becomes the result's ``error``."""
         if self.before_scene is not None:
-            self.before_scene(scene)
+            self.before_scene(scene, None)
         try:
             return detect_scene(scene, self.det, scene_config(self.cfg, Path(output), self.n_scenes), output)
         except GeonetError as exc:
             return SceneResult(scene=scene, output=output, error=str(exc))
+
+    def run_band(self, scene: str, band: int, batches: list[list[tuple[int, int]]]) -> Band:
+        """Detect the tiles of ``batches`` (one band) of ``scene``; a :class:`GeonetError` becomes ``error``."""
+        if self.before_scene is not None:
+            self.before_scene(scene, band)
+        try:
+            if self._plan is None or self._plan[0] != scene:
+                self._plan = (scene, plan_scene(scene, self.det, self.cfg))
+            plan = self._plan[1]
+            preview = bool(self.cfg.preview)
+            parts = [td.to_host(plan.grid if preview else None)
+                     for td in tile_detections(scene, self.det, plan, self.cfg, batches, keep_data=preview)]
+            return Band(parts=parts, device=self.det.device.type, precision=self.det.precision)
+        except GeonetError as exc:
+            return Band(error=str(exc))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -85,14 +135,14 @@ def _import_ray():
 
 
 def detect_ray(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectConfig, *, on_scene=None,
-               before_scene: Callable[[str], None] | None = None) -> DetectReport:
+               before_scene: Callable[[str, int | None], None] | None = None) -> DetectReport:
     """Detect objects in many scenes with Ray actors (module docstring); the arguments of
     :func:`geonet.detect.detect`, plus ``before_scene`` (:class:`SceneWorker`, tests).
 
     ``cfg.address``: the Ray cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``); ``None``: a Ray instance
     already initialised in this process, or a local one started (and stopped) here. ``cfg.actors``:
     detectors working at once (default: the cluster's GPUs, else one per 2 CPUs), each with an equal share
-    of the cluster's CPUs.
+    of the cluster's CPUs. ``cfg.band_tiles``: scenes of more tiles are split into bands.
 
     Returns:
         :class:`geonet.detect.DetectReport`; scenes in the order they finished.
@@ -103,8 +153,9 @@ def detect_ray(scenes: Sequence[str], output: str | os.PathLike[str], cfg: Detec
     ray = _import_ray()
     t0 = time.perf_counter()
     _check_config(cfg)
-    # on the driver, on the CPU: a bad model fails here in one line (not in every actor); the report's settings
-    settings = Detector(cfg.model, device="cpu", precision="32", score_thresh=cfg.score_thresh, nms_iou=cfg.nms_iou)
+    # on the driver, on the CPU: a bad model fails here in one line (not in every actor); the report's
+    # settings; the plans of the scenes; the merge and the writer of scenes split into bands
+    driver = Detector(cfg.model, device="cpu", precision="32", score_thresh=cfg.score_thresh, nms_iou=cfg.nms_iou)
     paths, outs = resolve_outputs(scenes, output, cfg.format)
     todo, done_before = scenes_to_do(outs, cfg)
     started = False
@@ -119,44 +170,109 @@ def detect_ray(scenes: Sequence[str], output: str | os.PathLike[str], cfg: Detec
                            fix="check --address (auto, HOST:PORT) and that `ray status` works there.") from None
         started = True
     results: list[SceneResult] = []
-    failed = 0
+    writer = ThreadPoolExecutor(1, thread_name_prefix="geonet-ray-write")
+
+    def finished(r: SceneResult) -> None:
+        if r.error:
+            log.error("%s", r.error)
+        results.append(r)
+        if on_scene is not None:
+            on_scene(r)
+
     try:
         res = ray.cluster_resources()
         gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
         use_gpu = gpus > 0 and cfg.device != "cpu"
+        bs = batch_size(cfg, "cuda" if use_gpu else "cpu")
+        # the units of work: (scene, None) for a whole scene, (scene, k) for band k of a large one
+        units: list[tuple[int, int | None]] = []
+        bands: dict[int, list] = {}  # scene -> its bands' batches
+        plans: dict[int, ScenePlan] = {}
+        for i in todo:
+            try:
+                plans[i] = plan_scene(paths[i], driver, cfg)
+            except GeonetError as exc:
+                if len(paths) == 1:  # as the plain command: one scene's input error is the command's
+                    raise
+                finished(SceneResult(scene=str(paths[i]), output=str(outs[i]), error=str(exc)))
+                continue
+            split = split_bands(plans[i], bs, cfg.band_tiles)
+            if len(split) > 1:
+                bands[i] = split
+                units += [(i, k) for k in range(len(split))]
+                log.info("%s: %d tiles in %d bands", paths[i], plans[i].grid.n_tiles, len(split))
+            else:
+                units.append((i, None))
         n = cfg.actors or (gpus if use_gpu else max(1, cpus // 2))
-        n = max(1, min(n, len(todo)))
+        n = max(1, min(n, len(units)))
         threads = max(1, cpus // n)
         # shares, not whole units: more actors than GPUs or CPUs share them instead of waiting forever
         remote = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)(SceneWorker).options(
             num_cpus=min(threads, cpus / n), num_gpus=min(1.0, gpus / n) if use_gpu else 0)
-        cfg_dict = asdict(cfg)
-        workers = [remote.remote(cfg_dict, len(paths), threads, before_scene) for _ in range(n)] if todo else []
-        log.info("ray: %d actor(s) of %d CPU(s)%s for %d scene(s)", n, threads, " and 1 GPU" if use_gpu else "",
-                 len(todo))
-        queue, running, free = list(todo), {}, list(workers)
-        while queue or running:
-            while free and queue:
-                i = queue.pop(0)
-                a = free.pop()
-                running[a.run.remote(str(paths[i]), str(outs[i]))] = (i, a)
-            (done,), _ = ray.wait(list(running), num_returns=1)
-            i, a = running.pop(done)
+        cfg_dict = {**asdict(cfg), "batch_size": bs}
+        workers = [remote.remote(cfg_dict, len(paths), threads, before_scene) for _ in range(n)] if units else []
+        log.info("ray: %d actor(s) of %d CPU(s)%s for %d scene(s), %d task(s)", n, threads,
+                 " and 1 GPU" if use_gpu else "", len(plans), len(units))
+        band_out: dict[int, list[Band | None]] = {i: [None] * len(b) for i, b in bands.items()}
+        band_t0: dict[int, float] = {}
+        failed_scenes: set[int] = set()
+        writes: dict[Future, int] = {}
+        queue, running, free = list(units), {}, list(workers)
+
+        def write_bands(i: int) -> SceneResult:
+            got = band_out.pop(i)
+            parts = (td for b in got for td in b.parts)
             try:
-                r = ray.get(done)
-            except ray.exceptions.RayError as exc:  # still failing after RETRIES restarts
-                r = SceneResult(scene=str(paths[i]), output=str(outs[i]),
-                                error=f"{paths[i]}: the Ray task failed after {RETRIES} retries ({_first_line(exc)})")
-            free.append(a)
-            if r.error:
-                log.error("%s", r.error)
-                failed += 1
-            results.append(r)
-            if on_scene is not None:
-                on_scene(r)
+                return write_scene(paths[i], driver, plans[i], scene_config(cfg, outs[i], len(paths)), outs[i], parts,
+                                   t_start=band_t0[i], run_on=(got[0].device, got[0].precision))
+            except GeonetError as exc:
+                return SceneResult(scene=str(paths[i]), output=str(outs[i]), error=str(exc))
+
+        while queue or running or writes:
+            while free and queue:
+                i, k = queue.pop(0)
+                if i in failed_scenes:
+                    continue
+                a = free.pop()
+                if k is None:
+                    ref = a.run.remote(str(paths[i]), str(outs[i]))
+                else:
+                    band_t0.setdefault(i, time.perf_counter())
+                    ref = a.run_band.remote(str(paths[i]), k, bands[i][k])
+                running[ref] = (i, k, a)
+            if running:
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2 if writes else None)
+            else:
+                ready = []
+                next(iter(writes)).exception()  # only writes left: wait for one
+            for done in ready:
+                i, k, a = running.pop(done)
+                free.append(a)
+                try:
+                    r = ray.get(done)
+                except ray.exceptions.RayError as exc:  # still failing after RETRIES restarts
+                    what = f"{paths[i]}" + (f" (band {k + 1} of {len(bands[i])})" if k is not None else "")
+                    r = Band(error=f"{what}: the Ray task failed after {RETRIES} retries ({_first_line(exc)})")
+                if k is None:
+                    finished(r if isinstance(r, SceneResult) else SceneResult(scene=str(paths[i]), output=str(outs[i]),
+                                                                              error=r.error))
+                elif i in failed_scenes:
+                    continue
+                elif r.error:
+                    failed_scenes.add(i)
+                    band_out.pop(i, None)
+                    finished(SceneResult(scene=str(paths[i]), output=str(outs[i]), error=r.error))
+                else:
+                    band_out[i][k] = r
+                    if all(b is not None for b in band_out[i]):
+                        writes[writer.submit(write_bands, i)] = i
+            for f in [f for f in writes if f.done()]:
+                writes.pop(f)
+                finished(f.result())  # a bug in the merge or writer (not a GeonetError) is raised here
     finally:
+        writer.shutdown(wait=True, cancel_futures=True)
         if started:
             ray.shutdown()
-    return DetectReport(scenes=results, seconds=time.perf_counter() - t0, failed=failed, skipped_done=done_before,
-                        score_thresh=float(settings.model.score_thresh), score_source=settings.score_source,
-                        nms_iou=settings.nms_iou)
+    return DetectReport(scenes=results, seconds=time.perf_counter() - t0, failed=sum(bool(r.error) for r in results),
+                        skipped_done=done_before, score_thresh=float(driver.model.score_thresh),
+                        score_source=driver.score_source, nms_iou=driver.nms_iou)

@@ -92,7 +92,7 @@ def test_ray_killed_worker_is_retried_and_resume_skips(local_ray, job):
     tmp, scenes, cfg, plain = job
     marker = tmp / "died"
 
-    def die_once(scene_path):  # pickled by value into the actor: the worker process dies on its first s1
+    def die_once(scene_path, band):  # pickled by value into the actor: the worker process dies on its first s1
         if scene_path.endswith("s1.tif") and not marker.exists():
             marker.touch()
             os._exit(1)
@@ -107,6 +107,49 @@ def test_ray_killed_worker_is_retried_and_resume_skips(local_ray, job):
     rep = detect(scenes, str(out) + os.sep, DetectConfig(**cfg, engine="ray", resume=True))
     assert rep.skipped_done == 3 and rep.scenes == []
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+@pytest.fixture(scope="module")
+def big(job):
+    """A scene of 56 tiles (8 x 7), detected by the plain command."""
+    tmp, _, cfg, _ = job
+    rng = np.random.default_rng(11)
+    xy = rng.uniform(0, 540, size=(30, 2))
+    s = scene(tmp, np.concatenate([xy, xy + rng.uniform(10, 35, size=(30, 2))], axis=1), 700, 600, name="big.tif")
+    ref = tmp / "big-plain"
+    rep = detect([str(s)], str(ref) + os.sep, DetectConfig(**cfg), show_progress=False)
+    assert rep.ok and rep.scenes[0].tiles + rep.scenes[0].tiles_skipped == 56 and rep.scenes[0].detections > 30
+    return s, ref
+
+
+@pytest.mark.slow
+def test_ray_large_scene_in_bands_equals_plain_killed_band_retried(local_ray, job, big):
+    from geonet.ray_engine import detect_ray
+
+    tmp, scenes, cfg, plain = job
+    big_scene, ref = big
+    marker, seen = tmp / "band-died", tmp / "bands-seen"
+    seen.mkdir()
+
+    def die_in_band_2(scene_path, band):  # pickled into the actors: the first try of band 2 kills its worker
+        if band is not None:
+            (seen / str(band)).touch()
+        if band == 2 and not marker.exists():
+            marker.touch()
+            os._exit(1)
+
+    out = tmp / "bands"
+    rep = detect_ray([str(big_scene), scenes[0]], str(out) + os.sep,
+                     DetectConfig(**cfg, engine="ray", actors=2, band_tiles=10), before_scene=die_in_band_2)
+    assert marker.exists(), "the worker was not killed"
+    assert sorted(int(p.name) for p in seen.iterdir()) == list(range(6))  # 56 tiles, 5 batches of 2 per band
+    assert rep.ok and len(rep.scenes) == 2
+    assert_same(ref, out, ["big.geojson"])
+    assert_same(plain, out, ["s0.geojson"])
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    rep = detect_ray([str(big_scene), scenes[0]], str(out) + os.sep,
+                     DetectConfig(**cfg, engine="ray", band_tiles=10, resume=True))
+    assert rep.skipped_done == 2 and rep.scenes == []
 
 
 def test_engine_ray_without_ray_says_how_to_install(tmp_path, monkeypatch):
