@@ -34,23 +34,29 @@ def main() -> None:
     ap.add_argument("--scenes", default=str(SHARED / "neon-trees" / "tiles"), help="folder or quoted glob")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--actors", default="1,2")
+    ap.add_argument("--band-tiles", type=int, default=0,
+                    help="also rows with every scene split into bands of this many tiles (0: no such rows)")
     args = ap.parse_args()
     import ray
 
     scenes = [str(p) for p in find_rasters([args.scenes], option="--scenes")]
     print(device_line())
     print(f"{len(scenes)} scenes from {args.scenes}; model {args.model}")
-    rows = [("plain", None)] + [(f"ray, {a} actor(s)", int(a)) for a in args.actors.split(",")]
-    times: dict[str, list[float]] = {name: [] for name, _ in rows}
+    rows = [("plain", None, 0)] + [(f"ray, {a} actor(s)", int(a), 0) for a in args.actors.split(",")]
+    if args.band_tiles:
+        rows += [(f"ray, {a} actor(s), bands of {args.band_tiles} tiles", int(a), args.band_tiles)
+                 for a in args.actors.split(",")]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in rows}
     t0 = time.perf_counter()
     ray.init(include_dashboard=False, configure_logging=False, object_store_memory=100 * 2**20)
     t_init = time.perf_counter() - t0
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for rep in range(args.repeats):
-                for name, actors in rows:
-                    out = Path(tmp) / f"{rep}-{name.replace(' ', '_').replace(',', '')}"
-                    cfg = DetectConfig(model=args.model, engine="local" if actors is None else "ray", actors=actors)
+                for name, actors, band_tiles in rows:
+                    out = Path(tmp) / f"{rep}-{len(times[name])}-{abs(hash(name))}"
+                    cfg = DetectConfig(model=args.model, engine="local" if actors is None else "ray", actors=actors,
+                                       band_tiles=band_tiles)
                     t = time.perf_counter()
                     r = detect(scenes, str(out) + os.sep, cfg, show_progress=False)
                     times[name].append(time.perf_counter() - t)
@@ -61,7 +67,7 @@ def main() -> None:
     print(f"local Ray instance start-up: {t_init:.1f} s (once per cluster, not counted below)\n")
     print("| engine | s (median) | scenes/s | vs plain | overhead per scene |")
     print("|---|---|---|---|---|")
-    for name, _ in rows:
+    for name, _, _ in rows:
         m = statistics.median(times[name])
         print(f"| {name} | {m:.1f} | {len(scenes) / m:.2f} | {base / m:.3f} | "
               f"{(m - base) / len(scenes) * 1000:+.0f} ms ({(m / base - 1) * 100:+.1f} %) |")

@@ -51,6 +51,8 @@ D = DetectConfig(model="")
 @click.option("--tta", is_flag=True, default=None, help="Test-time flips: 4 views per tile (4x the compute).")
 @click.option("--resume", is_flag=True, default=None, help="Skip scenes whose output already exists.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace existing outputs.")
+@click.option("--asset", default=None, metavar="NAME",
+              help="Asset of scenes given as STAC items [default: visual, else the item's only GeoTIFF].")
 @click.option("--engine", type=click.Choice(ENGINES), default=None, show_default=D.engine,
               help="local: this process; ray: scenes as tasks on a Ray cluster (pip install 'geonet[ray]').")
 @click.option("--address", default=None, metavar="auto|HOST:PORT",
@@ -62,7 +64,8 @@ D = DetectConfig(model="")
                    "parallel and joined by the seam merge (0: never split).")
 @shared(progress_opt, json_opt)
 def detect(scenes, output, progress, as_json, **options):
-    """Detect objects in SCENE(s) (files, folders or quoted globs) with a trained checkpoint."""
+    """Detect objects in SCENE(s) (files, folders, quoted globs, COG URLs such as https://... or s3://...,
+    or STAC items) with a trained checkpoint."""
 
     def line(r):
         if r.error:

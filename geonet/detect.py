@@ -52,6 +52,7 @@ from geonet.georef import pixel_boxes_to_polygons
 from geonet.merge import Detections, SeamMerger
 from geonet.preview import PreviewCanvas
 from geonet.raster import RasterInfo, RasterSource, describe_raster, find_rasters
+from geonet.remote import RemoteRaster
 from geonet.tiling import TileGrid
 from geonet.write import FORMAT_EXTENSIONS, FORMATS, FeatureBatch, output_format, write_features
 
@@ -95,6 +96,8 @@ class DetectConfig:
         engine: ``local`` (this process) or ``ray`` (scenes as tasks on a Ray cluster, :mod:`geonet.ray_engine`).
         address: the Ray cluster (``auto``, ``HOST:PORT``); default: a local Ray instance.
         actors: Ray actors (detectors) at once (default: the cluster's GPUs, else one per 2 CPUs).
+        asset: the asset of scenes given as STAC items (default: ``visual``, else the item's only GeoTIFF;
+            :mod:`geonet.remote`).
         band_tiles: with the Ray engine, a scene of more tiles is split into bands of about this many
             tiles, detected in parallel and joined by the seam merge (0: never split).
     """
@@ -123,6 +126,7 @@ class DetectConfig:
     address: str | None = None
     actors: int | None = None
     band_tiles: int = 1024
+    asset: str | None = None
 
 
 def _check_config(cfg: DetectConfig) -> None:
@@ -459,8 +463,9 @@ class TileReader:
         return {"data": stack, "valid": valid, "tiles": kept, "skipped": skipped}
 
 
-#: GDAL block cache of the reader threads, in MiB (blocks are decoded once per batch: block-aligned reads).
-READER_CACHE_MB = 256
+#: GDAL block cache of the reader threads, in bytes (blocks are decoded once: block-aligned reads; rasterio's
+#: ``set_gdal_config`` takes an integer GDAL_CACHEMAX in bytes -- the former ``256`` meant 256 bytes, no cache).
+READER_CACHE_BYTES = 256 * 2**20
 #: Seconds without a batch from the readers before detection fails (a reader that cannot deliver).
 READER_TIMEOUT_S = 300
 #: Batches read ahead of the model.
@@ -485,7 +490,7 @@ class _Pipeline:
 
         from rasterio.env import set_gdal_config
 
-        set_gdal_config("GDAL_CACHEMAX", READER_CACHE_MB)
+        set_gdal_config("GDAL_CACHEMAX", READER_CACHE_BYTES)
         self.reader, self.det, self.path = reader, det, path
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="geonet-read") if workers else None
         self.out: queue.Queue = queue.Queue(maxsize=2)
@@ -811,8 +816,9 @@ class DetectReport:
         return self.failed == 0
 
 
-def resolve_outputs(scenes: Sequence[str], output: str | os.PathLike[str], fmt: str) -> tuple[list[Path], list[Path]]:
-    """Scene paths and their output paths.
+def resolve_outputs(scenes: Sequence[str], output: str | os.PathLike[str], fmt: str, *,
+                    asset: str | None = None) -> tuple[list[Path | RemoteRaster], list[Path]]:
+    """Scene paths (files, or URLs and STAC items' ``asset``: :mod:`geonet.remote`) and their output paths.
 
     One scene and an output with a known extension: that file. Several scenes, or an output that
     is an existing folder (or ends with a slash): ``<folder>/<scene stem>.<fmt>``.
@@ -821,7 +827,7 @@ def resolve_outputs(scenes: Sequence[str], output: str | os.PathLike[str], fmt: 
         InputError: missing scene, unknown extension, an output folder that cannot be created
             (missing ones are), several scenes with one output file, two scenes with the same stem.
     """
-    paths = find_rasters(scenes, option="SCENE")
+    paths = find_rasters(scenes, option="SCENE", asset=asset)
     out = Path(output)
     as_dir = len(paths) > 1 or out.is_dir() or str(output).endswith(os.sep)
     if not as_dir:
@@ -893,7 +899,7 @@ def detect(scenes: Sequence[str], output: str | os.PathLike[str], cfg: DetectCon
         from geonet.ray_engine import detect_ray
 
         return detect_ray(scenes, output, cfg, on_scene=on_scene)
-    paths, outs = resolve_outputs(scenes, output, cfg.format)
+    paths, outs = resolve_outputs(scenes, output, cfg.format, asset=cfg.asset)
     det = Detector(cfg.model, device=cfg.device, precision=cfg.amp, score_thresh=cfg.score_thresh, nms_iou=cfg.nms_iou,
                    tta=cfg.tta)
     todo, done_before = scenes_to_do(outs, cfg)

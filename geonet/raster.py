@@ -27,6 +27,7 @@ from rasterio.windows import Window
 
 from geonet.errors import InputError, RunError
 from geonet.georef import gsd_metres
+from geonet.remote import RemoteRaster, apply_cog_config, is_remote, is_stac_item, stac_asset_href
 
 __all__ = ["RASTER_SUFFIXES", "RasterInfo", "RasterSource", "find_rasters", "describe_raster", "open_raster"]
 
@@ -34,17 +35,28 @@ __all__ = ["RASTER_SUFFIXES", "RasterInfo", "RasterSource", "find_rasters", "des
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img", ".png", ".jpg", ".jpeg")
 
 
-def find_rasters(inputs: Sequence[str | os.PathLike[str]], *, option: str = "--imagery") -> list[Path]:
-    """Expand files, folders and glob patterns into a sorted list of raster paths.
+def find_rasters(inputs: Sequence[str | os.PathLike[str]], *, option: str = "--imagery",
+                 asset: str | None = None) -> list[Path | RemoteRaster]:
+    """Expand files, folders, glob patterns, URLs and STAC items into a list of raster paths.
 
-    A folder contributes the files directly inside it whose suffix is in :data:`RASTER_SUFFIXES`.
+    A folder contributes the files directly inside it whose suffix is in :data:`RASTER_SUFFIXES`. A URL
+    (``https://``, ``s3://``, ``/vsicurl/``...) becomes a :class:`geonet.remote.RemoteRaster`; a STAC item
+    (``.json`` file or URL) becomes its ``asset`` (:func:`geonet.remote.stac_asset_href`).
 
     Raises:
-        InputError: a path does not exist, a glob matches nothing, or a folder holds no raster.
+        InputError: a path does not exist, a glob matches nothing, a folder holds no raster, a STAC item
+            without the asset.
     """
-    found: list[Path] = []
+    found: list[Path | RemoteRaster] = []
     for item in inputs:
         text = str(item)
+        if is_stac_item(text) and (is_remote(text) or Path(text).is_file()):
+            text = stac_asset_href(text, asset, option=option)
+            if text.startswith("file://"):
+                text = text[len("file://"):]
+        if is_remote(text):
+            found.append(RemoteRaster(text))
+            continue
         path = Path(text)
         if any(ch in text for ch in "*?[") and not path.exists():
             matches = sorted(Path(p) for p in glob.glob(text))
@@ -64,7 +76,7 @@ def find_rasters(inputs: Sequence[str | os.PathLike[str]], *, option: str = "--i
         else:
             raise InputError(f"{option}: no such file or folder: {text}.", fix="check the path.")
     # keep order, drop duplicates
-    seen: set[Path] = set()
+    seen: set[Path | RemoteRaster] = set()
     unique = []
     for p in found:
         key = p.resolve()
@@ -76,16 +88,22 @@ def find_rasters(inputs: Sequence[str | os.PathLike[str]], *, option: str = "--i
 
 def open_raster(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
     """Open a raster with GDAL, translating GDAL's failures into one-line :class:`InputError`\\ s."""
-    p = Path(path)
-    if not p.exists() and "://" not in str(path) and not str(path).startswith("/vsi"):
+    remote = is_remote(path)
+    if remote:
+        apply_cog_config()
+    elif not Path(path).exists():
         raise InputError("no such file.", path=path, fix="check the path.")
     try:
         with warnings.catch_warnings():
             # plain PNG/JPEG image sets (COCO, VOC) have no georeferencing; callers check info.crs
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
+            return rasterio.open(str(path))
     except RasterioIOError as exc:
         msg = str(exc)
+        if remote:
+            raise InputError(f"cannot be read over the network ({_first_line(msg)}).", path=path,
+                             fix="check the URL (a GeoTIFF/COG the machine can reach) and, for s3:// gs:// az://, "
+                                 "the credentials in the environment.") from None
         if "not recognized as" in msg or "not a supported file format" in msg or "NotSupported" in msg:
             raise InputError(
                 "is not a raster that GDAL can read.",

@@ -156,7 +156,7 @@ def detect_ray(scenes: Sequence[str], output: str | os.PathLike[str], cfg: Detec
     # on the driver, on the CPU: a bad model fails here in one line (not in every actor); the report's
     # settings; the plans of the scenes; the merge and the writer of scenes split into bands
     driver = Detector(cfg.model, device="cpu", precision="32", score_thresh=cfg.score_thresh, nms_iou=cfg.nms_iou)
-    paths, outs = resolve_outputs(scenes, output, cfg.format)
+    paths, outs = resolve_outputs(scenes, output, cfg.format, asset=cfg.asset)
     todo, done_before = scenes_to_do(outs, cfg)
     started = False
     if not ray.is_initialized():

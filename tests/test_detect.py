@@ -31,11 +31,16 @@ from seams import count_errors, seam_objects
 BASE = 1000  # object k has pixel value BASE + 100 * k
 
 
-def make_ckpt(path, *, bands=1, dtype="uint16", gsd=0.1, chip=128, max_box=40, classes=("thing",), metrics=None):
+def make_ckpt(path, *, bands=1, dtype="uint16", gsd=0.1, chip=128, max_box=40, classes=("thing",), metrics=None,
+              busy=False):
+    """A random ResNet-18 RetinaNet checkpoint; ``busy``: classification bias 0, so scores spread over (0, 1) and
+    a scene gets many boxes."""
     cfg = ModelConfig(backbone="resnet18", num_classes=len(classes), in_channels=bands, mean=[100.0] * bands,
                       std=[50.0] * bands, anchor_sizes=(16, 32, 64, 128, 256))
     torch.manual_seed(0)
     model = build_model(cfg)
+    if busy:
+        torch.nn.init.zeros_(model.head.classification_head.cls_logits.bias)
     stats = [5, 8, 20, 35, max_box]
     save_checkpoint(path, model, CheckpointHeader(
         model_config=cfg, classes=list(classes), bands=list(range(1, bands + 1)), dtype=dtype, gsd=[gsd, gsd],

@@ -632,6 +632,26 @@ def _(w):
     return detect_args(w, w.scene, "d20a.geojson", "--engine", "ray", "--actors", "0"), 2, "--actors", True
 
 
+@case("detect/band-tiles-negative")
+def _(w):
+    return detect_args(w, w.scene, "d20b.geojson", "--engine", "ray", "--band-tiles", "-1"), 2, "--band-tiles", True
+
+
+@case("detect/stac-item-not-an-item")
+def _(w):
+    p = w.root / "collection.json"
+    p.write_text('{"type": "FeatureCollection", "features": []}')
+    return detect_args(w, p, "d20c.geojson"), 2, "collection.json", True
+
+
+@case("detect/stac-item-without-the-asset")
+def _(w):
+    p = w.root / "item.json"
+    p.write_text('{"type": "Feature", "stac_version": "1.0.0", "id": "x", "geometry": null, "links": [], '
+                 '"properties": {"datetime": "2024-01-01T00:00:00Z"}, "assets": {"visual": {"href": "%s"}}}' % w.scene)
+    return detect_args(w, p, "d20d.geojson", "--asset", "B04"), 2, "--asset", True
+
+
 @case("detect/batch-zero")
 def _(w):
     return detect_args(w, w.scene, "d20.geojson", "--batch-size", "0"), 2, "--batch-size", True
