@@ -87,9 +87,10 @@ def _register() -> None:
     from geonet.cli.chip import chip
     from geonet.cli.detect import detect
     from geonet.cli.evaluate import evaluate
+    from geonet.cli.qgis import qgis
     from geonet.cli.train import train
 
-    for command in (check, chip, anchors, train, detect, evaluate):
+    for command in (check, chip, anchors, train, detect, evaluate, qgis):
         cli.add_command(command)
 
 
