@@ -62,9 +62,11 @@ def _csv(values) -> str:
 @click.option("--split-by", type=click.Choice(["auto", "raster", "block"]), default=None, show_default=D.chip.split_by)
 @click.option("--block-size", type=int, default=None, help="Block side in pixels for --split-by block.")
 @click.option("--backbone", type=click.Choice(list(BACKBONES)), default=None, show_default=D.model.backbone)
-@click.option("--weights", default=None, show_default=D.weights, metavar="auto|coco|imagenet|none|PATH",
+@click.option("--weights", default=None, show_default=D.weights,
+              metavar="auto|coco|imagenet|none|PATH|torchgeo:ENUM.MEMBER",
               help="Initial weights: auto (COCO RetinaNet for resnet50, ImageNet otherwise; torch hub cache or "
-                   "download), coco, imagenet, none, or a local state dict.")
+                   "download), coco, imagenet, none, a local state dict, or TorchGeo's multispectral ResNet weights "
+                   "(torchgeo:ResNet50_Weights.SENTINEL2_ALL_MOCO; pip install 'geonet[torchgeo]').")
 @click.option("--anchor-sizes", default=None, show_default=_csv(D.model.anchor_sizes),
               help="Base anchor side per level P3..P7 (px).")
 @click.option("--anchor-scales", default=None, show_default="2^0,2^(1/3),2^(2/3)", help="Scales per level.")

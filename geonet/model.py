@@ -69,6 +69,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from geonet.boxes import box_ioa
+from geonet.torchgeo_weights import is_torchgeo, resolve_torchgeo
 from geonet.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -497,6 +498,23 @@ def _body(cfg: ModelConfig, weights: str, option: str = "--weights") -> tuple[nn
         sd = _download_state_dict(_weights_enum(spec.imagenet), option)
         body.load_state_dict(sd)
         pretrained = True
+    elif is_torchgeo(weights):
+        tg = resolve_torchgeo(weights)
+        if tg.backbone != cfg.backbone:
+            raise InputError(f"--weights {weights} are for {tg.backbone}, not --backbone {cfg.backbone}.",
+                             fix=f"pass --backbone {tg.backbone}.")
+        tg.check_bands(cfg.in_channels, None)
+        first = body.conv1
+        body.conv1 = nn.Conv2d(tg.in_chans, first.out_channels, first.kernel_size, first.stride, first.padding,
+                               bias=False)
+        sd = {k: v for k, v in _download_state_dict(tg.member, option).items() if not k.startswith("fc.")}
+        missing, unexpected = body.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if unexpected or missing:
+            raise InputError(f"--weights {weights}: the keys do not match backbone {cfg.backbone} "
+                             f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing + unexpected)[:2]}).",
+                             fix="choose ResNet weights of TorchGeo that geonet lists, or report it.")
+        pretrained = True
     elif weights not in ("none", "coco", None, ""):
         sd = _load_local_state_dict(weights)
         if sd.get("format") != "geonet-detector":
@@ -555,7 +573,8 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
         weights: ``"auto"`` (the best pretrained weights for the backbone: ``"coco"`` for ResNet-50,
             ``"imagenet"`` otherwise), ``"none"`` (random init), ``"imagenet"`` (torchvision's ImageNet backbone
             weights via the torch hub cache), ``"coco"`` (torchvision's COCO RetinaNet, ResNet-50 only; the
-            class layer is re-initialised for ``num_classes``), or a path to a local file: backbone weights
+            class layer is re-initialised for ``num_classes``), ``"torchgeo:ENUM.MEMBER"`` (TorchGeo's
+            multispectral ResNet weights, :mod:`geonet.torchgeo_weights`), or a path to a local file: backbone weights
             with torchvision key names (e.g. ``mobilenet_v2_imagenet.pth``) or a geonet checkpoint (fine-tune).
 
     Returns:
@@ -587,8 +606,8 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
     spec = BACKBONES[cfg.backbone]
     layers = cfg.trainable_layers
     p2 = len(cfg.anchor_sizes) == 6
-    if cfg.in_channels != 3 and layers < 5:
-        layers = 5  # the adapted first conv must learn
+    if cfg.in_channels != 3 and layers < 5 and not is_torchgeo(weights):
+        layers = 5  # the adapted first conv must learn (TorchGeo's weights have their own for their bands)
     if spec.family == "resnet":
         c5 = body.fc.in_features
         extra = FP32LastLevelP6P7(c5 if cfg.p6_from == "c5" else 256, 256)

@@ -375,6 +375,11 @@ def _(w):
     return train_args(w, "t2n", "--num-nodes", "0"), 2, "--num-nodes", True
 
 
+@case("train/torchgeo-weights-unknown")
+def _(w):  # the later --weights wins in click; needs TorchGeo installed (the test extra has it), else the install hint
+    return train_args(w, "t2tg", "--weights", "torchgeo:ResNet18_Weights.NOPE"), 2, "torchgeo:ResNet18_Weights", True
+
+
 @case("train/steps-zero")
 def _(w):
     return train_args(w, "t2", "--steps", "0"), 2, "--steps", True

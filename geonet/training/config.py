@@ -169,7 +169,8 @@ class TrainConfig:
             validation split here.
         weights: initial weights: ``auto`` (the best pretrained weights for the backbone: torchvision's COCO
             RetinaNet for ResNet-50, ImageNet otherwise, from the torch hub cache or a download), ``none``,
-            ``imagenet``, ``coco`` or a local file (:func:`geonet.model.build_model`).
+            ``imagenet``, ``coco``, a local file, or ``torchgeo:ENUM.MEMBER`` (:func:`geonet.model.build_model`,
+            :mod:`geonet.torchgeo_weights`).
         fit_anchors: fit anchor sizes and ratios to the training boxes (:func:`geonet.anchors.fit_anchors`).
         augment: ``strong`` (dihedral, scale and photometric jitter), ``light`` or ``none``
             (:meth:`geonet.augment.OverheadAugment.for_training`).

@@ -43,6 +43,7 @@ from geonet.augment import OverheadAugment
 from geonet.checkpoint import CheckpointHeader, read_checkpoint
 from geonet.datasets import band_stats, collate
 from geonet.device import lightning_precision, resolve_device, resolve_precision
+from geonet.torchgeo_weights import is_torchgeo, resolve_torchgeo
 from geonet.errors import InputError, RunError
 from geonet.model import ModelConfig
 from geonet.training.callbacks import DeferredInterrupt, RunCheckpoint, StopOnInterrupt, Throughput
@@ -118,6 +119,13 @@ def model_config_for(cfg: TrainConfig, data: TrainData, mean: Sequence[float], s
     """The model configuration of a new run: the configured model with what the data decide (classes,
     bands, normalisation) and, with ``fit_anchors``, anchors fitted to the training boxes (and to their
     transposes when the augmentation rotates by 90 degrees)."""
+    if is_torchgeo(cfg.weights):  # the weights' bands and normalisation (geonet.torchgeo_weights)
+        tg = resolve_torchgeo(cfg.weights)
+        tg.check_bands(data.in_channels, data.bands)
+        if tg.mean is not None:
+            log.info("normalisation of %s: mean %s, std %s (not the data's band statistics)", cfg.weights,
+                     tg.mean[:3], tg.std[:3])
+            mean, std = tg.mean, tg.std
     mc = ModelConfig.from_dict({**cfg.model.to_dict(), "num_classes": len(data.classes),
                                 "in_channels": data.in_channels, "mean": list(mean), "std": list(std)})
     if cfg.fit_anchors:
@@ -230,6 +238,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         TrainingInterrupted: Ctrl-C; the last complete epoch's checkpoint is kept.
     """
     cfg.validate()
+    if is_torchgeo(cfg.weights) and not resume:  # a bad name or backbone fails before anything is read
+        tg = resolve_torchgeo(cfg.weights)
+        if tg.backbone != cfg.model.backbone:
+            raise InputError(f"--weights {cfg.weights} are for {tg.backbone}, not --backbone {cfg.model.backbone}.",
+                             fix=f"pass --backbone {tg.backbone}.")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.amp, device)
     rank = launch_rank(cfg)
