@@ -105,7 +105,7 @@ def test_oracle_scene_seams_end_to_end(tmp_path, overlap):
     grid = TileGrid.build(700, 560, 128, overlap)
     objects = np.round(seam_objects(grid, np.random.default_rng(overlap), size=(8, min(40, overlap - 6))))
     p = scene(tmp_path, objects, 700, 560)
-    cfg = DetectConfig(model=str(ck), overlap=overlap, workers=0, batch_size=3)
+    cfg = DetectConfig(model=str(ck), tile=128, overlap=overlap, workers=0, batch_size=3)
     res = detect_scene(p, det, cfg, tmp_path / "out.geojson")
     boxes, g = read_pixel_boxes(tmp_path / "out.geojson", p)
     # RFC 7946 precision 7 (1e-7 deg ~ 1 cm = 0.1 px here)
@@ -142,9 +142,9 @@ def test_nodata_tiles_are_not_run(tmp_path):
     objects = np.array([[10.0, 10, 30, 30]])
     p = scene(tmp_path, objects, 512, 256, nodata=0, nodata_rect=(200, 0, 512, 256))
     Oracle.calls = 0
-    res = detect_scene(p, oracle(ck), DetectConfig(model=str(ck), workers=0, overlap=32), tmp_path / "o.geojson")
+    res = detect_scene(p, oracle(ck), DetectConfig(model=str(ck), tile=128, workers=0, overlap=32), tmp_path / "o.geojson")
     assert res.tiles_skipped >= 2 and Oracle.calls == res.tiles
-    assert res.tiles + res.tiles_skipped == plan_scene(p, oracle(ck), DetectConfig(model=str(ck), overlap=32)).grid.n_tiles
+    assert res.tiles + res.tiles_skipped == plan_scene(p, oracle(ck), DetectConfig(model=str(ck), tile=128, overlap=32)).grid.n_tiles
 
 
 def test_gsd_resampling(tmp_path):
@@ -167,7 +167,7 @@ def test_streaming_memory_is_bounded(tmp_path):
     grid = TileGrid.build(400, 6000, 128, 48)
     objects = np.round(seam_objects(grid, np.random.default_rng(3), size=(8, 30), per_seam=2))
     p = scene(tmp_path, objects, 400, 6000)
-    res = detect_scene(p, oracle(ck), DetectConfig(model=str(ck), workers=0, overlap=48), tmp_path / "o.geojson")
+    res = detect_scene(p, oracle(ck), DetectConfig(model=str(ck), tile=128, workers=0, overlap=48), tmp_path / "o.geojson")
     assert res.detections == len(objects)
     assert res.max_boxes_held < len(objects) / 3  # a few tile rows, not the scene
 
@@ -389,7 +389,7 @@ def test_scene_in_bands_joined_by_one_merge_equals_one_pass(tmp_path):
     grid = TileGrid.build(700, 560, 128, 48)
     objects = np.round(seam_objects(grid, np.random.default_rng(7), size=(8, 40)))
     p = scene(tmp_path, objects, 700, 560)
-    cfg = DetectConfig(model=str(ck), overlap=48, workers=1, batch_size=2, preview=str(tmp_path / "one.png"))
+    cfg = DetectConfig(model=str(ck), tile=128, overlap=48, workers=1, batch_size=2, preview=str(tmp_path / "one.png"))
     one = detect_scene(p, det, cfg, tmp_path / "one.geojson")
     plan = plan_scene(p, det, cfg)
     bands = split_bands(plan, 2, 10)

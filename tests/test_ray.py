@@ -50,7 +50,7 @@ def job(tmp_path_factory):
         xy = rng.uniform(0, min(w, h) - 40, size=(6, 2))
         objects = np.concatenate([xy, xy + rng.uniform(10, 35, size=(6, 2))], axis=1)
         scenes.append(str(scene(tmp, objects, w, h, name=f"s{k}.tif")))
-    cfg = dict(model=str(ck), amp="32", score_thresh=0.3, workers=1, batch_size=2)
+    cfg = dict(model=str(ck), amp="32", score_thresh=0.3, workers=1, batch_size=2, tile=128)
     plain = tmp / "plain"
     rep = detect(scenes, str(plain) + os.sep, DetectConfig(**cfg), show_progress=False)
     assert rep.ok and sum(r.detections for r in rep.scenes) > 30  # enough boxes for the comparison to mean something
