@@ -511,7 +511,6 @@ class _Pipeline:
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="geonet-read") if workers else None
         self.out: queue.Queue = queue.Queue(maxsize=2)
         self.stop = threading.Event()
-        self.seconds_model = 0.0
         self.thread = threading.Thread(target=self._run_model, name="geonet-model", daemon=True)
         self.thread.start()
 
@@ -545,7 +544,6 @@ class _Pipeline:
                     data = torch.from_numpy(item["data"])
                     outs = self.det(data.pin_memory() if cuda else data)
                     item["seconds_model"] = time.perf_counter() - t0
-                    self.seconds_model += item["seconds_model"]
                 self._put((item, outs))
             self._put(self._DONE)
         except BaseException as exc:  # handed to the caller's thread, which raises it

@@ -69,8 +69,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from geonet.boxes import box_ioa
-from geonet.torchgeo_weights import is_torchgeo, resolve_torchgeo
 from geonet.errors import InputError
+from geonet.torchgeo_weights import is_torchgeo, resolve_torchgeo
 
 log = logging.getLogger(__name__)
 
@@ -488,6 +488,20 @@ def _load_local_state_dict(path: str) -> dict:
     return sd
 
 
+def _load_body_state(body: nn.Module, sd: dict, weights: str, backbone: str, *, fix: str) -> None:
+    """Load backbone weights ``sd`` into ``body``; the classifier (``fc.``, ``classifier.``) may be absent or extra.
+
+    Raises:
+        InputError: other keys missing or unexpected.
+    """
+    head = ("fc.", "classifier.")
+    missing, unexpected = body.load_state_dict({k: v for k, v in sd.items() if not k.startswith(head)}, strict=False)
+    missing = [k for k in missing if not k.startswith(head)]
+    if unexpected or missing:
+        raise InputError(f"--weights {weights}: the keys do not match backbone {backbone} ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[:2]}).", fix=fix)
+
+
 def _body(cfg: ModelConfig, weights: str, option: str = "--weights") -> tuple[nn.Module, bool]:
     """The classification backbone with pretrained weights loaded and the first conv adapted."""
     spec = BACKBONES[cfg.backbone]
@@ -500,32 +514,19 @@ def _body(cfg: ModelConfig, weights: str, option: str = "--weights") -> tuple[nn
         pretrained = True
     elif is_torchgeo(weights):
         tg = resolve_torchgeo(weights)
-        if tg.backbone != cfg.backbone:
-            raise InputError(f"--weights {weights} are for {tg.backbone}, not --backbone {cfg.backbone}.",
-                             fix=f"pass --backbone {tg.backbone}.")
+        tg.check_backbone(cfg.backbone)
         tg.check_bands(cfg.in_channels, None)
         first = body.conv1
         body.conv1 = nn.Conv2d(tg.in_chans, first.out_channels, first.kernel_size, first.stride, first.padding,
                                bias=False)
-        sd = {k: v for k, v in _download_state_dict(tg.member, option).items() if not k.startswith("fc.")}
-        missing, unexpected = body.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.")]
-        if unexpected or missing:
-            raise InputError(f"--weights {weights}: the keys do not match backbone {cfg.backbone} "
-                             f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing + unexpected)[:2]}).",
-                             fix="choose ResNet weights of TorchGeo that geonet lists, or report it.")
+        _load_body_state(body, _download_state_dict(tg.member, option), weights, cfg.backbone,
+                         fix="choose ResNet weights of TorchGeo that geonet lists, or report it.")
         pretrained = True
     elif weights not in ("none", "coco", None, ""):
         sd = _load_local_state_dict(weights)
         if sd.get("format") != "geonet-detector":
             sd = {k.removeprefix("module.").removeprefix("backbone.body."): v for k, v in sd.items()}
-            missing, unexpected = body.load_state_dict(sd, strict=False)
-            missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
-            if unexpected or missing:
-                raise InputError(f"--weights {weights}: the keys do not match backbone {cfg.backbone} "
-                                 f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. "
-                                 f"{(missing + unexpected)[:2]}).", fix="choose the --backbone the weights were "
-                                 "trained for.")
+            _load_body_state(body, sd, weights, cfg.backbone, fix="choose the --backbone the weights were trained for.")
             pretrained = True
     first = body.conv1 if spec.family == "resnet" else body.features[0][0]
     if cfg.in_channels != first.in_channels:

@@ -45,8 +45,11 @@ def qgis_profile_dir(profile: str = "default") -> Path:
     return base / "QGIS" / "QGIS3" / "profiles" / profile
 
 
-def _files(executable: Path) -> dict[str, str]:
-    exe = Path(executable)
+def _files(executable: str | os.PathLike[str] | None) -> dict[str, str]:
+    """The plugin's files by name, with ``geonet.json`` recording ``executable`` (default: :func:`default_executable`)."""
+    exe = Path(executable) if executable else default_executable()
+    if exe is None:
+        raise InputError("cannot find the geonet command.", fix="run `geonet qgis install` from geonet's environment.")
     if not exe.exists():
         raise InputError(f"the geonet command {exe} does not exist.",
                          fix="run `geonet qgis install` from the environment geonet is installed in.")
@@ -71,10 +74,7 @@ def install_plugin(profile_dir: str | os.PathLike[str] | None = None, *, executa
     Raises:
         InputError: no geonet command found, or the profile folder cannot be written.
     """
-    exe = Path(executable) if executable else default_executable()
-    if exe is None:
-        raise InputError("cannot find the geonet command.", fix="run `geonet qgis install` from geonet's environment.")
-    files = _files(exe)
+    files = _files(executable)
     dest = Path(profile_dir or qgis_profile_dir(profile)) / "python" / "plugins" / "geonet"
     try:
         dest.mkdir(parents=True, exist_ok=True)
@@ -93,10 +93,7 @@ def plugin_zip(path: str | os.PathLike[str], *, executable: str | os.PathLike[st
     Raises:
         InputError: as :func:`install_plugin`.
     """
-    exe = Path(executable) if executable else default_executable()
-    if exe is None:
-        raise InputError("cannot find the geonet command.", fix="run `geonet qgis install` from geonet's environment.")
-    files = _files(exe)
+    files = _files(executable)
     out = Path(path)
     with atomic_file(out) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:

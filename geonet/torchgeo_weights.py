@@ -57,6 +57,12 @@ class TorchGeoWeights:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
 
+    def check_backbone(self, backbone: str) -> None:
+        """Raise :class:`InputError` when ``backbone`` is not the one the weights were trained for."""
+        if backbone != self.backbone:
+            raise InputError(f"--weights torchgeo:{self.name} are for {self.backbone}, not --backbone {backbone}.",
+                             fix=f"pass --backbone {self.backbone}.")
+
     def check_bands(self, in_channels: int, bands: Sequence[int] | None) -> None:
         """Raise :class:`InputError` naming both lists when the imagery's band count differs from the weights'."""
         if in_channels == self.in_chans:

@@ -43,9 +43,9 @@ from geonet.augment import OverheadAugment
 from geonet.checkpoint import CheckpointHeader, read_checkpoint
 from geonet.datasets import band_stats, collate
 from geonet.device import lightning_precision, resolve_device, resolve_precision
-from geonet.torchgeo_weights import is_torchgeo, resolve_torchgeo
 from geonet.errors import InputError, RunError
 from geonet.model import ModelConfig
+from geonet.torchgeo_weights import is_torchgeo, resolve_torchgeo
 from geonet.training.callbacks import DeferredInterrupt, RunCheckpoint, StopOnInterrupt, Throughput
 from geonet.training.config import TrainConfig
 from geonet.training.data import EpochSampler, TrainData, prepare_data, split_listing, val_area
@@ -239,10 +239,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     """
     cfg.validate()
     if is_torchgeo(cfg.weights) and not resume:  # a bad name or backbone fails before anything is read
-        tg = resolve_torchgeo(cfg.weights)
-        if tg.backbone != cfg.model.backbone:
-            raise InputError(f"--weights {cfg.weights} are for {tg.backbone}, not --backbone {cfg.model.backbone}.",
-                             fix=f"pass --backbone {tg.backbone}.")
+        resolve_torchgeo(cfg.weights).check_backbone(cfg.model.backbone)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.amp, device)
     rank = launch_rank(cfg)
