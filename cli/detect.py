@@ -24,8 +24,7 @@ D = DetectConfig(model="")
               help="out.geojson / .gpkg / .shp / .fgb / .parquet for one scene; an existing folder for several.")
 @click.option("--format", "format", type=click.Choice(list(FORMAT_EXTENSIONS)), default=None,
               show_default=D.format, help="Output format when -o is a folder.")
-@click.option("--tile", type=int, default=None, help="Tile side in pixels [default: the chip size or 512, whichever is larger, at most the "
-                   "scene].")
+@click.option("--tile", type=int, default=None, help="Tile side in pixels [default: the checkpoint's chip size].")
 @click.option("--overlap", default=None, metavar="PX|Nm",
               help="Tile overlap in pixels (64) or metres (6m); at least the largest object "
                    "[default: the largest training box].")

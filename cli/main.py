@@ -22,8 +22,14 @@ class GeonetGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        _watch_sigint()
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            try:
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except Exception:
+                if _interrupted:  # Ctrl-C raised inside a C library (Arrow, GDAL) surfaces as that library's error
+                    raise KeyboardInterrupt from None
+                raise
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.UsageError as exc:
@@ -48,6 +54,26 @@ class GeonetGroup(click.Group):
             click.echo(f"Error: {name}{exc.strerror}", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+#: Set when SIGINT arrived (Ctrl-C), whatever exception it then surfaced as.
+_interrupted = False
+
+
+def _on_sigint(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _watch_sigint() -> None:
+    """Note Ctrl-C before raising KeyboardInterrupt as Python does (only where Python's own handler is in place)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:

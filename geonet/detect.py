@@ -2,8 +2,7 @@
 
 For each scene:
 
-1. **Grid.** Tiles of :func:`default_tile` (the chip size or 512 px, whichever is larger, at most the scene;
-   the detector is fully convolutional) every ``tile - overlap`` pixels, covering
+1. **Grid.** Tiles of the checkpoint's chip size (``tile``, :func:`default_tile`) every ``tile - overlap`` pixels, covering
    the scene edge to edge (:class:`geonet.tiling.TileGrid`: the last tile shifts inward). The
    default overlap is the largest training box side, so every object is seen whole by some tile.
 2. **GSD.** If the scene's GSD differs from the training GSD by more than 10 %, tiles are read
@@ -323,7 +322,7 @@ def plan_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig) -
                 warnings.append(f"--no-resample: the scene's GSD ({scene_gsd:.3f} m) differs from the training GSD "
                                 f"({train_gsd:.3f} m) by {100 * abs(ratio - 1):.0f} %; objects will look "
                                 f"{'larger' if ratio > 1 else 'smaller'} than in training.")
-    tile = int(cfg.tile or default_tile(ck.chip_size, math.ceil(info.width / scale), math.ceil(info.height / scale)))
+    tile = int(cfg.tile or default_tile(ck.chip_size))
     frame_gsd = scene_gsd * scale if scene_gsd else None
     ov = parse_overlap(cfg.overlap)
     if ov is None:
@@ -351,19 +350,21 @@ def plan_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig) -
                      gsd=frame_gsd, warnings=warnings)
 
 
-#: Detection tile side (px) when the checkpoint's chips are smaller. The detector is fully convolutional, so
-#: a tile need not be a chip; a larger tile spends less on overlap (a 61 px overlap leaves 27 % of a 128 px
-#: tile's pixels new, 77 % of a 512 px tile's). Chosen by measurement (``bench/tile_bench.py``, NEON val
-#: plots): a 128 px-chip model ran 7.2x faster at 416 px than at 128 px with AP50 0.057 -> 0.090; a 400 px-chip
-#: model lost AP50 at 256 px tiles (0.417 -> 0.402) and ran 3.6x slower.
+#: Detection tile side (px) when the checkpoint does not say its chip size.
 DETECT_TILE = 512
 
 
-def default_tile(chip_size: int | None, width: int, height: int) -> int:
-    """The default detection tile side in pixels: the checkpoint's chip size or :data:`DETECT_TILE`, whichever
-    is larger, but no larger than the scene's longer side (detection frame) rounded up to 32 px."""
-    chip = int(chip_size or DETECT_TILE)
-    return max(chip, min(max(chip, DETECT_TILE), -(-max(width, height) // 32) * 32))
+def default_tile(chip_size: int | None) -> int:
+    """The default detection tile side in pixels: the checkpoint's chip size (else :data:`DETECT_TILE`).
+
+    The detector is fully convolutional and a larger tile spends less on overlap, but measured larger tiles
+    lost recall for models trained on small chips (``bench/tile_bench.py``, OSBS_029's held-out blocks: the demo
+    model's AP50 0.550 at its 128 px chip, 0.252 at 416 px; NEON val plots, a 128 px-chip model: recall at the
+    max-F1 point 0.504 -> 0.283, F1 0.275 -> 0.233, though 7.2x faster). So tiles stay the chip size; train on
+    larger chips (the default recipe takes 512 px or the raster's size) for fewer, larger tiles. Smaller
+    tiles than the chip cost too (a 400 px-chip model: AP50 0.417 -> 0.402 at 256 px, 3.6x slower).
+    """
+    return int(chip_size or DETECT_TILE)
 
 
 def _scene_bands(path, det: Detector, cfg: DetectConfig) -> list[int] | None:
