@@ -216,7 +216,7 @@ def detect_ray(scenes: Sequence[str], output: str | os.PathLike[str], cfg: Detec
         band_out: dict[int, list[Band | None]] = {i: [None] * len(b) for i, b in bands.items()}
         band_t0: dict[int, float] = {}
         failed_scenes: set[int] = set()
-        writes: dict[Future, int] = {}
+        writes: set[Future] = set()  # scenes being merged and written
         queue, running, free = list(units), {}, list(workers)
 
         def write_bands(i: int) -> SceneResult:
@@ -265,9 +265,9 @@ def detect_ray(scenes: Sequence[str], output: str | os.PathLike[str], cfg: Detec
                 else:
                     band_out[i][k] = r
                     if all(b is not None for b in band_out[i]):
-                        writes[writer.submit(write_bands, i)] = i
+                        writes.add(writer.submit(write_bands, i))
             for f in [f for f in writes if f.done()]:
-                writes.pop(f)
+                writes.remove(f)
                 finished(f.result())  # a bug in the merge or writer (not a GeonetError) is raised here
     finally:
         writer.shutdown(wait=True, cancel_futures=True)
