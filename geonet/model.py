@@ -430,7 +430,8 @@ class GeoRetinaNet(RetinaNet):
         boxes = torch.minimum(boxes.clamp(min=0), limit[:, None, :])  # clipped to each image
         img, m = torch.nonzero(scores > self.score_thresh, as_tuple=True)
         b, s, lab = boxes[img, m], scores[img, m], labels[img, m]
-        keep = batched_nms(b, s, img * (k_cls + 1) + lab, self.nms_thresh)  # by image and class; best first
+        keep = capped_batched_nms(b, s, img, img * (k_cls + 1) + lab, self.nms_thresh, self.detections_per_img,
+                                  n_img)  # by image and class; best first
         img_k = img[keep]
         order = torch.sort(img_k, stable=True).indices  # group by image, best first within each
         keep, img_k = keep[order], img_k[order]
@@ -468,6 +469,92 @@ class GeoRetinaNet(RetinaNet):
         split_head = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
         split_anchors = [list(an.split(per_level)) for an in anchors]
         return self.postprocess_detections(split_head, split_anchors, images.image_sizes)
+
+
+def capped_batched_nms(boxes: Tensor, scores: Tensor, images: Tensor, groups: Tensor, iou: float, cap: int,
+                       n_images: int) -> Tensor:
+    """``torchvision.ops.batched_nms`` when only the best ``cap`` kept boxes of each image are wanted.
+
+    Greedy NMS keeps a box when no better-scoring kept box of its group overlaps it, so whether a box is kept
+    depends only on the boxes that score higher. NMS over each image's ``m`` best candidates therefore keeps
+    exactly the boxes that NMS over all candidates keeps among those ``m``; once that is at least ``cap`` boxes
+    (or all of the image's candidates), the image's best ``cap`` kept boxes are final. ``m`` starts at
+    ``4 * cap`` and grows 4x for images that are not final yet. Same result as ``batched_nms`` followed by a
+    per-image cap; measured on the 2-core CPU with a random ResNet-18 RetinaNet at score threshold 0 (5,000
+    candidates per 512 px tile, cap 50): NMS 21 ms -> 2 ms per tile.
+
+    Args:
+        boxes: FloatTensor[N, 4] xyxy. scores: FloatTensor[N]. images: Int64Tensor[N], the image of each box
+            (``0..n_images-1``). groups: Int64Tensor[N], the NMS group (image and class) of each box.
+        iou: NMS IoU threshold. cap: kept boxes wanted per image. n_images: images in the batch.
+
+    Returns:
+        Int64Tensor of indices into ``boxes``: a superset of every image's best ``cap`` kept boxes, each of them
+        kept by ``batched_nms(boxes, scores, groups, iou)``, sorted by decreasing score.
+    """
+    if len(scores) <= 4 * cap:
+        return batched_nms(boxes, scores, groups, iou)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order[torch.sort(images[order], stable=True).indices]  # by image, best first within each
+    total = torch.bincount(images, minlength=n_images)
+    start = torch.cumsum(total, 0) - total
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device) - start[images[order]]  # rank within its image
+    m = 4 * cap
+    while True:
+        cand = torch.nonzero(rank < m).squeeze(1)
+        keep = cand[batched_nms(boxes[cand], scores[cand], groups[cand], iou)]
+        kept = torch.bincount(images[keep], minlength=n_images)
+        if bool(((kept >= cap) | (total <= m)).all()):
+            return keep
+        m *= 4
+
+
+def fold_batch_norm(module: nn.Module) -> int:
+    """Fold every inference-mode batch norm into the convolution before it, in place (for detection only).
+
+    A frozen (or eval-mode) batch norm after a convolution is an affine map per channel, so it can be
+    folded into that convolution's weight and bias (``torch.nn.utils.fusion.fuse_conv_bn_weights``); the
+    norm becomes ``nn.Identity``. The outputs are the same up to float rounding. Under bf16 autocast it also
+    keeps the activations in bf16: ``FrozenBatchNorm2d`` multiplies a bf16 activation by fp32 statistics,
+    which promotes every backbone activation to fp32 and back before the next convolution.
+
+    Pairs folded: consecutive ``(Conv2d, norm)`` children of an ``nn.Sequential`` (torchvision's
+    ``Conv2dNormActivation``, MobileNet blocks, ResNet ``downsample``), and ``convN``/``bnN`` children of any
+    other module (torchvision's ResNet stem and blocks). Nothing else is touched.
+
+    Args:
+        module: a model in eval mode (not for training: the folded weights train differently).
+
+    Returns:
+        The number of norms folded.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    norms = (FrozenBatchNorm2d, nn.BatchNorm2d)
+    pairs: list[tuple[nn.Module, str, str]] = []
+    for parent in module.modules():
+        kids = parent._modules
+        names = list(kids)
+        for i, name in enumerate(names):
+            conv = kids[name]
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            if isinstance(parent, nn.Sequential):
+                bn_name = names[i + 1] if i + 1 < len(names) else None
+            else:
+                bn_name = "bn" + name[4:] if name.startswith("conv") and name[4:].isdigit() else None
+            bn = kids.get(bn_name) if bn_name else None
+            if isinstance(bn, norms) and not (isinstance(bn, nn.BatchNorm2d) and bn.training) \
+                    and bn.running_mean is not None and bn.running_mean.numel() == conv.out_channels:
+                pairs.append((parent, name, bn_name))
+    with torch.no_grad():
+        for parent, name, bn_name in pairs:
+            conv, bn = parent._modules[name], parent._modules[bn_name]
+            conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                          bn.eps, bn.weight, bn.bias)
+            parent._modules[bn_name] = nn.Identity()
+    return len(pairs)
 
 
 def _load_local_state_dict(path: str) -> dict:

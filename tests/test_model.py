@@ -227,3 +227,67 @@ def test_weights_auto_loads_from_the_hub_cache_and_says_what_to_place_offline(tm
     m = build_model(cfg, weights="auto")
     assert torch.equal(m.backbone.body["0"][0].weight, sd["features.0.0.weight"])
     assert cfg.trainable_layers == 3 and cfg.frozen_bn  # pretrained: the early stages stay frozen
+
+
+@pytest.mark.parametrize("backbone,frozen", [("resnet18", True), ("mobilenet_v2", True), ("resnet18", False)])
+def test_folded_batch_norm_gives_the_same_detections(backbone, frozen):
+    """Detection folds the backbone's norms into its convs: same boxes (1e-3 px) and scores, no norm left."""
+    import copy
+
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from geonet.model import fold_batch_norm
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, num_classes=2, score_thresh=0.0, detections_per_img=50,
+                      mean=[100.0] * 3, std=[40.0] * 3, frozen_bn=frozen)
+    m = build_model(cfg).eval()
+    norms = (FrozenBatchNorm2d, torch.nn.BatchNorm2d)
+    with torch.no_grad():  # statistics far from identity, so a wrong fold shows
+        for mod in m.modules():
+            if isinstance(mod, norms):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    n_norms = sum(isinstance(mod, norms) for mod in m.modules())
+    folded = copy.deepcopy(m)
+    assert fold_batch_norm(folded) == n_norms > 0
+    assert not any(isinstance(mod, norms) for mod in folded.modules())
+    x = torch.randint(0, 255, (2, 3, 128, 160), dtype=torch.uint8)
+    with torch.inference_mode():
+        z = m.transform.batch(x)
+        ha, hb = (mm.head(list(mm.backbone(z).values())) for mm in (m, folded))
+    for k in ha:  # the raw head outputs: what the fold changes
+        assert torch.allclose(ha[k], hb[k], rtol=1e-4, atol=1e-4), k
+    for a, b in zip(m.predict_batch(x), folded.predict_batch(x)):
+        assert len(a["boxes"]) == len(b["boxes"]) == 50
+        # a random model ties many scores, so rows may swap: match each box to its nearest in the other set
+        d = (a["boxes"][:, None, :] - b["boxes"][None, :, :]).abs().amax(-1)  # [50, 50] px
+        j = d.argmin(1)
+        assert d.min(1).values.max() < 1e-3 and len(set(j.tolist())) == 50
+        assert torch.allclose(a["scores"], b["scores"][j], atol=1e-5) and torch.equal(a["labels"], b["labels"][j])
+
+
+@pytest.mark.parametrize("cap", [1, 5, 50])
+def test_capped_batched_nms_keeps_each_images_best_like_batched_nms(cap):
+    """The early-exit NMS gives each image the same best ``cap`` kept boxes as torchvision's batched_nms."""
+    from torchvision.ops import batched_nms
+
+    from geonet.model import capped_batched_nms
+
+    g = torch.Generator().manual_seed(cap)
+    n_img, n = 3, 4000
+    xy = torch.rand(n, 2, generator=g) * 40  # dense: most boxes are suppressed, so the candidates must grow
+    boxes = torch.cat([xy, xy + 40 + torch.rand(n, 2, generator=g) * 40], 1)
+    scores = torch.rand(n, generator=g)
+    images = torch.randint(0, n_img, (n,), generator=g)
+    images[images == 2] = torch.where(torch.rand(int((images == 2).sum()), generator=g) < 0.97, 1, 2)  # few in 2
+    groups = images * 3 + torch.randint(1, 3, (n,), generator=g)
+    ref = batched_nms(boxes, scores, groups, 0.5)
+    got = capped_batched_nms(boxes, scores, images, groups, 0.5, cap, n_img)
+    assert torch.all(scores[got][1:] <= scores[got][:-1])  # best first
+    assert set(got.tolist()) <= set(ref.tolist())
+    for i in range(n_img):
+        want = ref[images[ref] == i][:cap]
+        assert torch.equal(got[images[got] == i][:cap], want), i
