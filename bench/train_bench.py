@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--scenes", type=int, default=8)
+    ap.add_argument("--weights", default="auto", help="geonet train --weights (offline: a local state dict)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -73,7 +74,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     rasters, labels = make_data(tmp, args.scenes, 1024)
     cfg = TrainConfig.from_options(dict(output=str(tmp / "run"), imagery=rasters, labels=labels, size=512,
-                                        backbone=args.backbone, batch_size=args.batch_size, amp=args.amp,
+                                        backbone=args.backbone, batch_size=args.batch_size, amp=args.amp, weights=args.weights,
                                         workers=args.workers, val_fraction=0.0, epochs=1,
                                         limit_train_batches=args.steps, negative_ratio=0.0))
     cuda = torch.cuda.is_available()

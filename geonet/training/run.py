@@ -259,7 +259,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     task = DetectionTask(model_cfg.to_dict(), weights="none" if resume else cfg.weights,
                          optim={**asdict(cfg.optim), "epochs": epochs}, steps_per_epoch=steps_per_epoch,
-                         classes=data.classes, val_gt=data.val_gt, channels_last=cuda)
+                         classes=data.classes, val_gt=data.val_gt, channels_last=True)  # NHWC: faster convs on CUDA and CPU
     model_cfg = task.model_config  # with what build_model resolved (trainable layers, frozen BN)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
