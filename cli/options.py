@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import click
 
-from geonet.chip import DEFAULT_SIZE, ChipConfig
+from geonet.chip import DEFAULT_SIZE
 from geonet.errors import InputError
 from geonet.raster import parse_bands
 
