@@ -2,26 +2,22 @@
 
 For each scene:
 
-1. **Grid.** Tiles of the checkpoint's chip size (``tile``, :func:`default_tile`) every ``tile - overlap`` pixels, covering
-   the scene edge to edge (:class:`geonet.tiling.TileGrid`: the last tile shifts inward). The
+1. **Grid.** Tiles of the checkpoint's chip size (``tile``, :func:`default_tile`) every ``tile - overlap``
+   pixels, covering the scene edge to edge (:class:`geonet.tiling.TileGrid`: the last tile shifts inward). The
    default overlap is the largest training box side, so every object is seen whole by some tile.
 2. **GSD.** If the scene's GSD differs from the training GSD by more than 10 %, tiles are read
    resampled to the training GSD (GDAL resampling on read, bilinear; overviews used when
    downsampling); the grid then lives in that resampled frame. ``resample=False`` turns this off.
-3. **Reading.** Tiles are read in reader threads (GDAL releases the GIL while it decodes), one GDAL
-   dataset handle per thread, a few batches ahead of the model. A batch's tiles of one tile row are read
-   with one ``RasterIO`` call over their union window, widened to the file's block boundaries when it is
-   tiled, so each block is decoded once per batch. Tiles that are all nodata are skipped without running
-   the model; nodata pixels elsewhere get the training band means (they normalise to 0). Batches travel
-   as the raster's dtype (uint8: one byte per pixel) and are converted to float and normalised on the
-   device.
-4. **Model.** :class:`Detector` runs :meth:`geonet.model.GeoRetinaNet.predict_batch` on a
-   ``[B, C, H, W]`` batch (no resize, no per-image copies), in its own thread, under bf16 autocast on
-   CUDA and on CPUs with native bf16, channels-last, with the backbone's frozen batch norms folded
-   into its convolutions (:func:`geonet.model.fold_batch_norm`); post-processing is one batched pass.
-5. **Merge.** In the caller's thread, while the model runs on the next batch, :class:`geonet.merge.SeamMerger` merges tile detections in the detection frame (class-aware
-   ``batched_nms`` on the device, seam-aware: one whole box per object cut by a seam) and releases
-   each tile row as soon as it is final.
+3. **Reading** (:mod:`geonet.pipeline`). Reader threads read batches of tiles a few batches ahead of the model,
+   block-aligned, each block decoded once; all-nodata tiles are skipped, nodata pixels get the training band
+   means; batches travel as the raster's dtype and are normalised on the device.
+4. **Model** (:class:`geonet.detector.Detector`, in the pipeline's model thread):
+   :meth:`geonet.model.GeoRetinaNet.predict_batch` on each ``[B, C, H, W]`` batch (no resize), channels-last with
+   the frozen batch norms folded into the convolutions, under bf16 autocast on CUDA and on CPUs with native
+   bf16; post-processing is one batched pass.
+5. **Merge.** In the caller's thread, while the model runs on the next batch, :class:`geonet.merge.SeamMerger`
+   merges tile detections in the detection frame (class-aware ``batched_nms`` on the device, seam-aware: one
+   whole box per object cut by a seam) and releases each tile row as soon as it is final.
 6. **Write.** Final detections stream to the output (:mod:`geonet.write`) while later rows are
    still being processed: memory holds a few tile rows, whatever the scene size.
 """
@@ -35,25 +31,21 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from affine import Affine
-from rasterio.windows import Window
-from torchvision.ops import batched_nms
 
 import geonet
 from geonet.atomic import check_writable, make_dir, remove_stale
-from geonet.checkpoint import file_sha256, load_checkpoint
-from geonet.device import autocast_dtype, resolve_device, resolve_precision
-from geonet.errors import GeonetError, InputError, RunError
+from geonet.detector import Detector
+from geonet.errors import GeonetError, InputError
 from geonet.georef import pixel_boxes_to_polygons
 from geonet.merge import Detections, SeamMerger
-from geonet.model import fold_batch_norm
+from geonet.pipeline import ScenePlan, TileDetections, TileReader, fill_values, tile_batches, tile_detections
 from geonet.preview import PreviewCanvas
-from geonet.raster import RasterInfo, RasterSource, describe_raster, find_rasters
+from geonet.raster import describe_raster, find_rasters
 from geonet.remote import RemoteRaster
 from geonet.tiling import TileGrid
 from geonet.write import FORMAT_EXTENSIONS, FORMATS, FeatureBatch, output_format, write_features
@@ -163,123 +155,6 @@ def parse_overlap(value: str | float | None) -> tuple[float, str] | None:
         raise InputError(f"--overlap {value!r}: give pixels (64 or 64px) or metres (6m).",
                          fix="e.g. --overlap 64 or --overlap 6m.")
     return float(m.group(1)), m.group(2) or "px"
-
-
-class Detector:
-    """A checkpoint ready to run on batches of tiles.
-
-    Args:
-        path: geonet checkpoint (``best.pt``).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (:func:`geonet.device.resolve_device`).
-        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"32"``, ``"bf16"``, ``"16"``.
-        score_thresh: minimum score of a detection. Default: the checkpoint's operating point (the
-            score that maximised F1 at IoU 0.5 on the validation set of the saved epoch), else the
-            model's own threshold (0.05). ``score_source`` says which.
-        nms_iou: IoU of the NMS inside a tile and across tile seams. Default: the one chosen with the
-            operating point on the validation set, else the model's (0.5).
-        tta: test-time flips (4 views per tile: 4x the compute).
-
-    Attributes:
-        header: the checkpoint's :class:`geonet.checkpoint.CheckpointHeader`.
-        model: the :class:`geonet.model.GeoRetinaNet`, in eval mode on ``device``, its batch norms folded
-            into the convolutions (:func:`geonet.model.fold_batch_norm`; for inference, not for training).
-        nms_iou: the NMS IoU in use (also the merge's default).
-
-    Raises:
-        InputError: a bad checkpoint, or ``cuda`` without a CUDA device.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", precision: str = "auto",
-                 score_thresh: float | None = None, nms_iou: float | None = None, tta: bool = False):
-        model, header = load_checkpoint(path)
-        self.tta = tta
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.amp_dtype = autocast_dtype(self.precision)
-        op = header.operating_point
-        if score_thresh is not None:
-            model.score_thresh = float(score_thresh)
-            self.score_source = "given"
-        elif op is not None:
-            model.score_thresh = max(float(model.score_thresh), op.score_thresh)
-            self.score_source = f"validation max F1 at IoU {op.iou:g}"
-        else:
-            self.score_source = "model default"
-        if nms_iou is not None:
-            model.nms_thresh = float(nms_iou)
-        elif op is not None and op.nms_iou is not None:
-            model.nms_thresh = op.nms_iou
-        self.nms_iou = float(model.nms_thresh)
-        self.model = model.to(self.device).eval()
-        # Measured on the 2-core CPU (512 px tiles, batch 2, forward only), ResNet-18 / MobileNetV2 FPN:
-        # channels-last 1.22x / 1.35x in bf16 and 1.22x / 1.25x in fp32; folding the frozen norms another
-        # 1.08x in bf16 (bf16 activations no longer promoted to fp32 by the norms' fp32 statistics).
-        fold_batch_norm(self.model)
-        self.model = self.model.to(memory_format=torch.channels_last)
-        self.model.transform.channels_last = True
-        self.header = header
-        self.classes: list[str] = list(header.classes)
-        self.in_channels = int(header.model_config.in_channels)
-        self.path = str(path)
-        self.sha256 = file_sha256(path)
-        self.model_id = f"{Path(path).name}@{self.sha256[:12]}"
-
-    def __call__(self, batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Detect on ``batch`` ``[B, C, H, W]`` (raw band values, any dtype, on the CPU or the device).
-
-        Returns:
-            One dict per tile, on the device: ``boxes`` FloatTensor[N, 4] (xyxy, tile pixels),
-            ``scores`` FloatTensor[N], ``labels`` Int64Tensor[N] (1..K).
-        """
-        x = batch.to(self.device, non_blocking=True)
-        if not self.tta:
-            return self.model.predict_batch(x, autocast=self.amp_dtype)
-        return self._flip_tta(x)
-
-    def _flip_tta(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Test-time flips: the batch as is, flipped left-right, top-bottom and both; the boxes flipped back,
-        then one class-aware NMS per tile at the model's NMS IoU (the best-scoring view of each object)."""
-        h, w = x.shape[-2:]
-        m = self.model
-        views = {(): x, (-1,): x.flip(-1), (-2,): x.flip(-2), (-1, -2): x.flip(-1).flip(-2)}
-        per_tile: list[list[dict]] = [[] for _ in range(len(x))]
-        for dims, v in views.items():
-            for i, o in enumerate(m.predict_batch(v, autocast=self.amp_dtype)):
-                b = o["boxes"].clone()
-                if -1 in dims:
-                    b[:, [0, 2]] = w - o["boxes"][:, [2, 0]]
-                if -2 in dims:
-                    b[:, [1, 3]] = h - o["boxes"][:, [3, 1]]
-                per_tile[i].append({**o, "boxes": b})
-        out = []
-        for views_i in per_tile:
-            b = torch.cat([o["boxes"] for o in views_i])
-            s = torch.cat([o["scores"] for o in views_i])
-            lab = torch.cat([o["labels"] for o in views_i])
-            keep = batched_nms(b, s, lab, m.nms_thresh)[: m.detections_per_img]
-            out.append({"boxes": b[keep], "scores": s[keep], "labels": lab[keep]})
-        return out
-
-
-@dataclass
-class ScenePlan:
-    """How one scene is tiled.
-
-    Attributes:
-        info: the scene's header.
-        grid: tile grid in the *detection frame*: scene pixels divided by ``scale``.
-        scale: scene pixels per detection-frame pixel (1 without resampling; 2 when the scene's
-            GSD is half the training GSD).
-        overlap: overlap in detection-frame pixels.
-        gsd: GSD of the detection frame in metres (``None`` without a CRS).
-    """
-
-    info: RasterInfo
-    grid: TileGrid
-    scale: float
-    overlap: int
-    gsd: float | None
-    warnings: list[str] = field(default_factory=list)
 
 
 def plan_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig) -> ScenePlan:
@@ -397,208 +272,6 @@ def _scene_bands(path, det: Detector, cfg: DetectConfig) -> list[int] | None:
     return ck.bands
 
 
-class TileReader:
-    """Batches of tiles of one scene, read in reader threads (see module docstring, step 3).
-
-    Args:
-        plan: the scene's plan.
-        batches: the ``(row, col)`` tiles of each batch (:func:`tile_batches`).
-        fill: per-band value of nodata pixels, in the scene's dtype (:func:`fill_values`).
-
-    ``reader[k]`` is ``{"data": ndarray[B, C, tile, tile] (the scene's dtype), "valid": bool ndarray[B, tile, tile]
-    (False on nodata and padding), "tiles": [(row, col)...] read, "skipped": [(row, col)...] all nodata}``,
-    or ``{"error": GeonetError}`` when the scene fails to decode (raised by :func:`detect_scene`).
-    """
-
-    def __init__(self, plan: ScenePlan, batches: list[list[tuple[int, int]]], fill: np.ndarray):
-        import threading
-
-        self.plan = plan
-        self.batches = batches
-        self.fill = fill
-        self._local = threading.local()
-
-    @property
-    def source(self) -> RasterSource:
-        """This thread's reader of the scene (GDAL dataset handles must not be shared between threads)."""
-        src = getattr(self._local, "source", None)
-        if src is None:
-            src = self._local.source = RasterSource(self.plan.info)
-        return src
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def _segments(self, tiles):
-        seg = [tiles[0]]
-        for t in tiles[1:]:
-            if t[0] == seg[-1][0] and t[1] == seg[-1][1] + 1:
-                seg.append(t)
-            else:
-                yield seg
-                seg = [t]
-        yield seg
-
-    def __getitem__(self, k: int) -> dict:
-        try:
-            return self._read(k)
-        except GeonetError as exc:
-            return {"error": exc}
-
-    def _read(self, k: int) -> dict:
-        plan, g = self.plan, self.plan.grid
-        info = plan.info
-        t = g.tile
-        kept, skipped, arrays, masks = [], [], [], []
-        for seg in self._segments(self.batches[k]):
-            r = seg[0][0]
-            vx0, vx1 = g.xs[seg[0][1]], g.xs[seg[-1][1]] + t
-            vy0, vy1 = g.ys[r], g.ys[r] + t
-            if plan.scale == 1.0:
-                rx0, ry0, rx1, ry1 = vx0, vy0, vx1, vy1
-                if info.tiled:  # widen to block boundaries: whole blocks, each decoded once
-                    bh, bw = info.block_shape
-                    rx0, ry0 = max(0, rx0 // bw * bw), max(0, ry0 // bh * bh)
-                    rx1 = min(max(info.width, vx1), -(-rx1 // bw) * bw)
-                    ry1 = min(max(info.height, vy1), -(-ry1 // bh) * bh)
-                    rx1, ry1 = max(rx1, vx1), max(ry1, vy1)
-                data, valid = self.source.read(Window(rx0, ry0, rx1 - rx0, ry1 - ry0))
-                ox, oy = vx0 - rx0, vy0 - ry0
-            else:
-                s = plan.scale
-                data, valid = self.source.read(Window(vx0 * s, vy0 * s, (vx1 - vx0) * s, t * s),
-                                               out_size=(t, vx1 - vx0))
-                ox, oy = 0, 0
-            for (rr, cc) in seg:
-                x = g.xs[cc] - vx0 + ox
-                v = valid[oy:oy + t, x:x + t]
-                if not v.any():
-                    skipped.append((rr, cc))
-                    continue
-                d = data[:, oy:oy + t, x:x + t].copy()
-                if not v.all():
-                    d[:, ~v] = self.fill[:, None]
-                arrays.append(d)
-                masks.append(v)
-                kept.append((rr, cc))
-        stack = np.stack(arrays) if arrays else np.zeros((0, len(info.bands), t, t), dtype=info.dtype)
-        valid = np.stack(masks) if masks else np.zeros((0, t, t), dtype=bool)
-        return {"data": stack, "valid": valid, "tiles": kept, "skipped": skipped}
-
-
-#: GDAL block cache of the reader threads, in bytes (blocks are decoded once: block-aligned reads; rasterio's
-#: ``set_gdal_config`` takes an integer GDAL_CACHEMAX in bytes -- the former ``256`` meant 256 bytes, no cache).
-READER_CACHE_BYTES = 256 * 2**20
-#: Seconds without a batch from the readers before detection fails (a reader that cannot deliver).
-READER_TIMEOUT_S = 300
-#: Batches read ahead of the model.
-PREFETCH = 4
-
-
-class _Pipeline:
-    """Reading, the model, and merging + writing, overlapped (module docstring, steps 3-6).
-
-    ``workers`` reader threads (GDAL releases the GIL while it decodes; each thread has its own dataset
-    handle) read batches in order, :data:`PREFETCH` ahead; a model thread runs the detector on them; the
-    caller's thread (merge and write) iterates ``(batch, detections)`` pairs. Threads, not processes: no
-    second copy of torch in memory, and no shared-memory files. ``workers=0`` reads in the model thread.
-    """
-
-    _DONE = object()
-
-    def __init__(self, reader: TileReader, det: Detector, *, workers: int, path):
-        import concurrent.futures
-        import queue
-        import threading
-
-        from rasterio.env import set_gdal_config
-
-        set_gdal_config("GDAL_CACHEMAX", READER_CACHE_BYTES)
-        self.reader, self.det, self.path = reader, det, path
-        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="geonet-read") if workers else None
-        self.out: queue.Queue = queue.Queue(maxsize=2)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run_model, name="geonet-model", daemon=True)
-        self.thread.start()
-
-    def _batches(self):
-        n = len(self.reader)
-        if self.pool is None:
-            yield from (self.reader[k] for k in range(n))
-            return
-        pending = [self.pool.submit(self.reader.__getitem__, k) for k in range(min(n, PREFETCH))]
-        for k in range(n):
-            try:
-                item = pending.pop(0).result(timeout=READER_TIMEOUT_S)
-            except TimeoutError:
-                raise RunError(f"no tiles from the readers in {READER_TIMEOUT_S} s.", path=self.path,
-                               fix="check the file (`geonet check`) and the storage it is on.") from None
-            if k + PREFETCH < n:
-                pending.append(self.pool.submit(self.reader.__getitem__, k + PREFETCH))
-            yield item
-
-    def _run_model(self) -> None:
-        cuda = self.det.device.type == "cuda"
-        try:
-            for item in self._batches():
-                if self.stop.is_set():
-                    return
-                if "error" in item:
-                    raise item["error"]
-                outs = []
-                if item["tiles"]:
-                    t0 = time.perf_counter()
-                    data = torch.from_numpy(item["data"])
-                    outs = self.det(data.pin_memory() if cuda else data)
-                    item["seconds_model"] = time.perf_counter() - t0
-                self._put((item, outs))
-            self._put(self._DONE)
-        except BaseException as exc:  # handed to the caller's thread, which raises it
-            self._put(exc)
-
-    def _put(self, x) -> None:
-        import queue
-
-        while not self.stop.is_set():
-            try:
-                self.out.put(x, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def __iter__(self):
-        import queue
-
-        while True:
-            try:
-                x = self.out.get(timeout=0.2)
-            except queue.Empty:
-                if not self.thread.is_alive() and self.out.empty():
-                    raise RunError("the detection thread stopped without a result.", path=self.path,
-                                   fix="run again with -v; report it if it repeats.") from None
-                continue
-            if x is self._DONE:
-                return
-            if isinstance(x, BaseException):
-                raise x
-            yield x
-
-    def close(self) -> None:
-        self.stop.set()
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-        self.thread.join(timeout=60)
-
-
-def fill_values(det: Detector, dtype: str) -> np.ndarray:
-    """The training band means in the scene's dtype (nodata pixels get them, so they normalise to 0)."""
-    mean = np.asarray(det.header.model_config.mean, dtype=np.float64)
-    if np.issubdtype(np.dtype(dtype), np.integer):
-        lim = np.iinfo(np.dtype(dtype))
-        mean = np.clip(np.round(mean), lim.min, lim.max)
-    return mean.astype(dtype)
-
-
 @dataclass
 class SceneResult:
     """What :func:`detect_scene` did for one scene."""
@@ -615,94 +288,6 @@ class SceneResult:
     max_boxes_held: int = 0
     preview: str | None = None
     error: str | None = None
-
-
-def _inside(boxes: torch.Tensor, valid: torch.Tensor, grid: TileGrid, r: int, c: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep detections on the scene: ``(keep [N] bool, boxes [N, 4])`` for tile ``(r, c)``'s boxes (tile
-    frame), clipped to the part of the tile inside the frame; kept when the clipped box has an area and
-    its centre pixel is valid (not nodata, not padding beyond the scene's edge).
-
-    ``valid``: BoolTensor[tile, tile] of the tile.
-    """
-    t = grid.tile
-    w, h = min(t, grid.width - grid.xs[c]), min(t, grid.height - grid.ys[r])
-    limit = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
-    boxes = torch.minimum(boxes.clamp(min=0), limit)
-    cx = ((boxes[:, 0] + boxes[:, 2]) / 2).long().clamp(0, t - 1)
-    cy = ((boxes[:, 1] + boxes[:, 3]) / 2).long().clamp(0, t - 1)
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & valid[cy, cx]
-    return keep, boxes
-
-
-def tile_batches(grid: TileGrid, size: int) -> list[list[tuple[int, int]]]:
-    """The grid's ``(row, col)`` tiles in row-major order, in batches of ``size``."""
-    tiles = grid.tiles()
-    return [tiles[i:i + size] for i in range(0, len(tiles), size)]
-
-
-@dataclass
-class TileDetections:
-    """The detections of one batch of tiles, kept where they lie on the scene (:func:`_inside`).
-
-    Attributes:
-        tiles: ``(row, col)`` of the tiles the model ran on; ``skipped``: tiles that were all nodata.
-        boxes: per tile, ``[N, 4]`` float32 xyxy in the tile's pixel frame; ``scores`` ``[N]`` float32;
-            ``labels`` ``[N]`` int64 (1..K). Tensors on the model's device, or arrays after :meth:`to_host`.
-        data: the tiles' pixels ``[B, C, tile, tile]`` for a preview, or ``None``.
-        thumbnails: the tiles subsampled for a preview (:meth:`geonet.preview.PreviewCanvas.thumbnails`),
-            or ``None``: what travels instead of ``data`` (:mod:`geonet.ray_engine`).
-        seconds_model: seconds of the model call.
-    """
-
-    tiles: list[tuple[int, int]]
-    skipped: list[tuple[int, int]]
-    boxes: list = field(default_factory=list)
-    scores: list = field(default_factory=list)
-    labels: list = field(default_factory=list)
-    data: np.ndarray | None = None
-    thumbnails: list[np.ndarray] | None = None
-    seconds_model: float = 0.0
-
-    def to_host(self, grid: TileGrid | None = None) -> TileDetections:
-        """A copy with NumPy arrays and no pixels (small, to pickle); with ``grid``, preview thumbnails."""
-        thumbs = PreviewCanvas.thumbnails(grid, self.data, self.tiles) if grid is not None and self.data is not None \
-            else self.thumbnails
-        return TileDetections(tiles=list(self.tiles), skipped=list(self.skipped),
-                              boxes=[b.cpu().numpy() for b in self.boxes], scores=[x.cpu().numpy() for x in self.scores],
-                              labels=[x.cpu().numpy() for x in self.labels], thumbnails=thumbs,
-                              seconds_model=self.seconds_model)
-
-
-def tile_detections(path: str | os.PathLike[str], det: Detector, plan: ScenePlan, cfg: DetectConfig,
-                    batches: list[list[tuple[int, int]]], *, keep_data: bool = False) -> Iterator[TileDetections]:
-    """Run the detector over ``batches`` of ``plan``'s tiles (:func:`tile_batches`, or a run of them): reader
-    threads, the model in its own thread (module docstring, steps 3-4); one :class:`TileDetections` per
-    batch, in order. ``keep_data``: keep the pixels (for a preview). Closing the generator stops the readers
-    and the model.
-
-    Raises:
-        RunError: the scene fails to decode.
-    """
-    grid = plan.grid
-    workers = cfg.workers if cfg.workers is not None else min(4, max(1, (os.cpu_count() or 2) // 2))
-    reader = TileReader(plan, batches, fill_values(det, plan.info.dtype))
-    pipeline = _Pipeline(reader, det, workers=workers, path=path)
-    try:
-        for item, outs in pipeline:
-            td = TileDetections(tiles=item["tiles"], skipped=item["skipped"],
-                                data=item["data"] if keep_data else None,
-                                seconds_model=item.get("seconds_model", 0.0))
-            if item["tiles"]:
-                valid = torch.from_numpy(item["valid"]).to(det.device)
-                for (r, c), o, v in zip(item["tiles"], outs, valid):
-                    keep, boxes = _inside(o["boxes"], v, grid, r, c)
-                    td.boxes.append(boxes[keep])
-                    td.scores.append(o["scores"][keep])
-                    td.labels.append(o["labels"][keep])
-            yield td
-    finally:  # a failed writer (full disk, file-size limit) or Ctrl-C stops the readers and the model at once
-        pipeline.close()
 
 
 def batch_size(cfg: DetectConfig, device: torch.device | str) -> int:
@@ -730,8 +315,8 @@ def detect_scene(path: str | os.PathLike[str], det: Detector, cfg: DetectConfig,
     plan = plan or plan_scene(path, det, cfg)
     for w in plan.warnings:
         log.warning("%s: %s", path, w)
-    parts = tile_detections(path, det, plan, cfg, tile_batches(plan.grid, batch_size(cfg, det.device)),
-                            keep_data=bool(cfg.preview))
+    parts = tile_detections(path, det, plan, tile_batches(plan.grid, batch_size(cfg, det.device)),
+                            workers=cfg.workers, keep_data=bool(cfg.preview))
     return write_scene(path, det, plan, cfg, output, parts, progress=progress, t_start=t_start)
 
 

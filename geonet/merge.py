@@ -1,7 +1,7 @@
 """Seam-aware, streaming merge of tile detections into scene detections.
 
 Everything here is in the *detection frame*: scene pixels divided by the resampling scale of
-:class:`geonet.detect.ScenePlan` (the scene's own pixels when no resampling happens), in which the
+:class:`geonet.pipeline.ScenePlan` (the scene's own pixels when no resampling happens), in which the
 :class:`geonet.tiling.TileGrid` is laid out. Boxes are ``[x1, y1, x2, y2]``.
 
 Tiles overlap by at least the largest object, so every object that is cut by one tile's edge is seen

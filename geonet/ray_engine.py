@@ -1,6 +1,6 @@
 """Detection over many scenes on a Ray cluster (``geonet detect --engine ray``).
 
-Each scene is one Ray task on an *actor*: an actor holds one :class:`geonet.detect.Detector` (one model in
+Each scene is one Ray task on an *actor*: an actor holds one :class:`geonet.detector.Detector` (one model in
 memory; one GPU per actor when the cluster has GPUs) and runs :func:`geonet.detect.detect_scene`, the
 function the plain command runs, with its own reader threads. So the outputs are the plain command's,
 feature for feature, whatever the number of actors (tested).
@@ -33,10 +33,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from geonet.detect import (DetectConfig, DetectReport, Detector, ScenePlan, SceneResult, TileDetections, _check_config,
-                           batch_size, detect_scene, plan_scene, resolve_outputs, scene_config, scenes_to_do,
-                           tile_batches, tile_detections, write_scene)
+from geonet.detect import (DetectConfig, DetectReport, SceneResult, _check_config, batch_size, detect_scene, plan_scene,
+                           resolve_outputs, scene_config, scenes_to_do, write_scene)
+from geonet.detector import Detector
 from geonet.errors import GeonetError, InputError, RunError
+from geonet.pipeline import ScenePlan, TileDetections, tile_batches, tile_detections
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ OBJECT_STORE_BYTES = 100 * 2**20
 
 @dataclass
 class Band:
-    """What a band task returns: its batches' :class:`geonet.detect.TileDetections` (NumPy, no pixels),
+    """What a band task returns: its batches' :class:`geonet.pipeline.TileDetections` (NumPy, no pixels),
     where the model ran (``device``, ``precision``), or an ``error`` (a :class:`GeonetError`'s message)."""
 
     parts: list[TileDetections] = field(default_factory=list)
@@ -60,7 +61,7 @@ class Band:
 
 
 def split_bands(plan: ScenePlan, batch: int, band_tiles: int) -> list[list[list[tuple[int, int]]]]:
-    """The tile batches of ``plan`` (:func:`geonet.detect.tile_batches`, ``batch`` tiles each) in bands of
+    """The tile batches of ``plan`` (:func:`geonet.pipeline.tile_batches`, ``batch`` tiles each) in bands of
     about ``band_tiles`` tiles (whole batches, row-major order); one band when the scene has at most
     ``band_tiles`` tiles or ``band_tiles`` is 0."""
     batches = tile_batches(plan.grid, batch)
@@ -113,7 +114,8 @@ class SceneWorker:
             plan = self._plan[1]
             preview = bool(self.cfg.preview)
             parts = [td.to_host(plan.grid if preview else None)
-                     for td in tile_detections(scene, self.det, plan, self.cfg, batches, keep_data=preview)]
+                     for td in tile_detections(scene, self.det, plan, batches, workers=self.cfg.workers,
+                                                      keep_data=preview)]
             return Band(parts=parts, device=self.det.device.type, precision=self.det.precision)
         except GeonetError as exc:
             return Band(error=str(exc))

@@ -395,7 +395,8 @@ def test_scene_in_bands_joined_by_one_merge_equals_one_pass(tmp_path):
     bands = split_bands(plan, 2, 10)
     assert len(bands) >= 4 and [t for band in bands for b in band for t in b] == plan.grid.tiles()
     assert split_bands(plan, 2, 0) == split_bands(plan, 2, plan.grid.n_tiles) == [sum(bands, [])]
-    parts = [td.to_host(plan.grid) for band in bands for td in tile_detections(p, det, plan, cfg, band, keep_data=True)]
+    parts = [td.to_host(plan.grid) for band in bands for td in tile_detections(p, det, plan, band, workers=1,
+                                                                                           keep_data=True)]
     assert all(td.data is None and isinstance(b, np.ndarray) for td in parts for b in td.boxes)
     cfg_b = DetectConfig(**{**asdict(cfg), "preview": str(tmp_path / "bands.png")})
     res = write_scene(p, det, plan, cfg_b, tmp_path / "bands.geojson", iter(parts), run_on=("cuda", "bf16"))
