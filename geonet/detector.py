@@ -26,7 +26,8 @@ class Detector:
     Args:
         path: geonet checkpoint (``best.pt``).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (:func:`geonet.device.resolve_device`).
-        precision: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"32"``, ``"bf16"``, ``"16"``.
+        precision: ``"auto"`` (bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on CPUs with native
+            bf16, else fp32; :func:`geonet.device.resolve_precision`), ``"32"``, ``"bf16"``, ``"16"``.
         score_thresh: minimum score of a detection. Default: the checkpoint's operating point (the
             score that maximised F1 at IoU 0.5 on the validation set of the saved epoch), else the
             model's own threshold (0.05). ``score_source`` says which.
