@@ -13,6 +13,7 @@ import sys
 import click
 
 import geonet
+from geonet import interrupt
 from geonet.errors import GeonetError
 
 
@@ -27,7 +28,7 @@ class GeonetGroup(click.Group):
             try:
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             except Exception:
-                if _interrupted:  # Ctrl-C raised inside a C library (Arrow, GDAL) surfaces as that library's error
+                if interrupt.requested():  # Ctrl-C raised inside a C library (Arrow, GDAL) surfaces as its error
                     raise KeyboardInterrupt from None
                 raise
         except click.exceptions.Exit as exc:
@@ -57,20 +58,18 @@ class GeonetGroup(click.Group):
 
 
 #: Set when SIGINT arrived (Ctrl-C), whatever exception it then surfaced as.
-_interrupted = False
-
-
 def _on_sigint(signum, frame):
-    global _interrupted
-    _interrupted = True
+    interrupt.request()  # checked again by long loops, in case this KeyboardInterrupt is swallowed
     raise KeyboardInterrupt
 
 
 def _watch_sigint() -> None:
-    """Note Ctrl-C before raising KeyboardInterrupt as Python does (only where Python's own handler is in place)."""
+    """Note Ctrl-C (:mod:`geonet.interrupt`) before raising KeyboardInterrupt as Python does (only where Python's
+    own handler is in place)."""
     import signal
     import threading
 
+    interrupt.clear()
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)

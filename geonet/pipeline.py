@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from rasterio.windows import Window
 
+from geonet import interrupt
 from geonet.detector import Detector
 from geonet.errors import GeonetError, RunError
 from geonet.preview import PreviewCanvas
@@ -231,6 +232,7 @@ class _Pipeline:
         import queue
 
         while True:
+            interrupt.check()  # a Ctrl-C whose KeyboardInterrupt was swallowed elsewhere still stops here
             try:
                 x = self.out.get(timeout=0.2)
             except queue.Empty:

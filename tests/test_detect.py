@@ -408,3 +408,29 @@ def test_scene_in_bands_joined_by_one_merge_equals_one_pass(tmp_path):
     assert count_errors(objects, boxes, tol=0.25) == (0, 0, 0)
     assert (tmp_path / "one.png").read_bytes() == (tmp_path / "bands.png").read_bytes()
     assert (b["geonet"]["device"], b["geonet"]["precision"]) == ("cuda", "bf16")  # where the bands ran
+
+
+def test_a_lost_ctrl_c_still_stops_detection(tmp_path):
+    """Ctrl-C whose KeyboardInterrupt is swallowed (raised inside a finaliser) still stops detection at the next
+    batch: the SIGINT handler notes it in geonet.interrupt, and the pipeline checks that note."""
+    from geonet import interrupt
+
+    class LostCtrlC(Oracle):
+        def __call__(self, batch):
+            if Oracle.calls >= 6:
+                interrupt.request()  # what the CLI's SIGINT handler notes; its KeyboardInterrupt is lost
+            return super().__call__(batch)
+
+    ck = make_ckpt(tmp_path / "m.pt")
+    p = scene(tmp_path, [[10, 10, 30, 30]], 700, 560)
+    cfg = DetectConfig(model=str(ck), tile=128, overlap=32, workers=1, batch_size=2)
+    out = tmp_path / "o.geojson"
+    Oracle.calls = 0
+    try:
+        with pytest.raises((KeyboardInterrupt, RuntimeError)):  # RuntimeError: raised through Arrow's C stream
+            detect_scene(p, LostCtrlC(ck), cfg, out)
+        assert interrupt.requested()
+    finally:
+        interrupt.clear()
+    assert Oracle.calls < plan_scene(p, oracle(ck), cfg).grid.n_tiles / 2
+    assert not out.exists() and not list(tmp_path.glob(".o*tmp*"))

@@ -79,6 +79,9 @@ class DetectAlgorithm(_Base):
             args += ["--score-thresh", f"{score:g}"]
         res = runner.run(args, feedback)
         if res.cancelled or feedback.isCanceled():
+            if res.returncode == 0:  # geonet finished before the cancel reached it: take back what it wrote
+                for f in (Path(out), Path(out).with_suffix(".qml")):
+                    f.unlink(missing_ok=True)
             feedback.pushInfo("cancelled: no output written")
             return {}
         if res.returncode != 0:
