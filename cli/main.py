@@ -57,7 +57,6 @@ class GeonetGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-#: Set when SIGINT arrived (Ctrl-C), whatever exception it then surfaced as.
 def _on_sigint(signum, frame):
     interrupt.request()  # checked again by long loops, in case this KeyboardInterrupt is swallowed
     raise KeyboardInterrupt
