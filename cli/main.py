@@ -8,6 +8,7 @@ during the work. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -47,6 +48,13 @@ class GeonetGroup(click.Group):
             sys.exit(exc.exit_code)
         except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
             click.echo("Interrupted.", err=True)
+            if interrupt.requested():
+                # A real Ctrl-C: temporary files are gone (atomic writers clean up on the way here). Leave without
+                # the interpreter's shutdown, which joins leftover reader threads and can hang behind a model
+                # thread stopped mid-batch (seen in CI: detect still alive 120 s after Ctrl-C).
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(130)
             sys.exit(130)
         except OSError as exc:
             if exc.errno is None:
