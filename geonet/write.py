@@ -33,7 +33,7 @@ import shutil
 import sqlite3
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,9 +135,19 @@ def write_features(path: str | os.PathLike[str], batches: Iterable[FeatureBatch]
                     b.geometries = to_crs(b.geometries, crs, "EPSG:4326")
                 count += len(b.geometries)
                 yield b.to_arrow()
+        except KeyboardInterrupt as exc:
+            # Ctrl-C ends the stream cleanly and is raised once the writer returns (_stopped, inside the atomic
+            # scope, so nothing is renamed into place): raised through Arrow's C stream into GDAL's writer it
+            # left `geonet detect` spinning in pyogrio's write_arrow (py-spy, CI: alive 120 s after Ctrl-C)
+            failure.append(exc)
+            return
         except BaseException as exc:  # Arrow's C stream would hide it behind a generic error
             failure.append(exc)
             raise
+
+    def _stopped() -> None:
+        if failure and isinstance(failure[0], KeyboardInterrupt):
+            raise failure[0]
 
     reader = pa.RecordBatchReader.from_batches(SCHEMA, stream())
     meta_json = json.dumps(metadata, default=str)
@@ -158,14 +168,16 @@ def write_features(path: str | os.PathLike[str], batches: Iterable[FeatureBatch]
     qml = qml_style(classes)
     try:
         if driver == "ESRI Shapefile":
-            _write_shapefile(out, reader, kw, meta_json)
+            _write_shapefile(out, reader, kw, meta_json, _stopped)
         elif driver == "GeoParquet":
             with atomic_file(out) as tmp:
                 _write_geoparquet(tmp, reader, crs, metadata)
+                _stopped()
         else:
             with atomic_file(out) as tmp, warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*'crs' was not provided.*")  # --allow-no-crs
                 pyogrio.write_arrow(reader, tmp, **kw)
+                _stopped()
                 if driver == "GPKG":
                     embed_style(tmp, out.stem, qml)
     except Exception as exc:
@@ -207,13 +219,15 @@ def _write_geoparquet(path: Path, reader: pa.RecordBatchReader, crs: str | None,
             w.write_table(pa.Table.from_batches([batch]).cast(schema))
 
 
-def _write_shapefile(out: Path, reader, kw: dict, meta_json: str) -> None:
-    """A Shapefile is several files: write them in a temporary folder, then rename each into place."""
+def _write_shapefile(out: Path, reader, kw: dict, meta_json: str, stopped: Callable[[], None]) -> None:
+    """A Shapefile is several files: write them in a temporary folder, then rename each into place
+    (``stopped()`` raises, before any rename, if the stream ended on Ctrl-C)."""
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.stem}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         target = tmpdir / out.name
         kw = {**kw, "layer": out.stem}
         pyogrio.write_arrow(reader, target, **kw)
+        stopped()
         (tmpdir / (out.stem + ".geonet.json")).write_text(meta_json)
         for f in sorted(tmpdir.iterdir(), key=lambda p: p.suffix == ".shp"):  # the .shp last
             os.replace(f, out.parent / f.name)
