@@ -869,9 +869,16 @@ def test_chip_train_paths_with_unicode_and_spaces(world, tmp_path):
 # ----------------------------------------------------------------------------- faults
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _geonet(*args, **kw):
+    # Ctrl-C as in a terminal: the child must not inherit an ignored SIGINT from this test process (Lightning sets
+    # SIG_IGN on its KeyboardInterrupt path and never restores it; an ignored SIGINT survives exec, and then
+    # geonet never sees the signal -- py-spy showed detect running normally 46 s after the test's SIGINT in CI)
     return subprocess.Popen([sys.executable, "-m", "geonet.cli.main", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint, **kw)
 
 
 @pytest.mark.slow
