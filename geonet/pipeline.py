@@ -38,7 +38,6 @@ __all__ = ["ScenePlan", "TileReader", "TileDetections", "tile_detections", "tile
 
 
 @dataclass
-@dataclass
 class ScenePlan:
     """How one scene is tiled.
 
