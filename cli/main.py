@@ -50,8 +50,7 @@ class GeonetGroup(click.Group):
             click.echo("Interrupted.", err=True)
             if interrupt.requested():
                 # A real Ctrl-C: temporary files are gone (atomic writers clean up on the way here). Leave without
-                # the interpreter's shutdown, which joins leftover reader threads and can hang behind a model
-                # thread stopped mid-batch (seen in CI: detect still alive 120 s after Ctrl-C).
+                # the interpreter's shutdown, which joins leftover reader threads and waits for nothing useful.
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(130)
