@@ -32,20 +32,58 @@ BASE = 1000  # object k has pixel value BASE + 100 * k
 
 
 def make_ckpt(path, *, bands=1, dtype="uint16", gsd=0.1, chip=128, max_box=40, classes=("thing",), metrics=None,
-              busy=False):
+              busy=False, spread=False):
     """A random ResNet-18 RetinaNet checkpoint; ``busy``: classification bias 0, so scores spread over (0, 1) and
-    a scene gets many boxes."""
+    a scene gets many boxes; ``spread``: classification weights drawn wider (std 0.05, bias -1), so scores differ
+    from box to box (about 0.3-0.5) instead of tying, for tests that compare detections."""
     cfg = ModelConfig(backbone="resnet18", num_classes=len(classes), in_channels=bands, mean=[100.0] * bands,
                       std=[50.0] * bands, anchor_sizes=(16, 32, 64, 128, 256))
     torch.manual_seed(0)
     model = build_model(cfg)
     if busy:
         torch.nn.init.zeros_(model.head.classification_head.cls_logits.bias)
+    if spread:
+        torch.nn.init.normal_(model.head.classification_head.cls_logits.weight, std=0.05)
+        torch.nn.init.constant_(model.head.classification_head.cls_logits.bias, -1.0)
     stats = [5, 8, 20, 35, max_box]
     save_checkpoint(path, model, CheckpointHeader(
         model_config=cfg, classes=list(classes), bands=list(range(1, bands + 1)), dtype=dtype, gsd=[gsd, gsd],
         chip_size=chip, box_stats={"width": stats, "height": stats, "side": stats}, metrics=metrics or {}, epoch=0))
     return path
+
+
+def assert_same_detections(a, b, *, px=1e-3, score=1e-5):
+    """Two detection dicts hold the same boxes (within ``px`` pixels), scores (within ``score``) and labels.
+
+    Rows may come in another order where scores tie: each box of ``a`` is matched to its nearest in ``b``.
+    """
+    assert len(a["boxes"]) == len(b["boxes"])
+    if not len(a["boxes"]):
+        return
+    d = (a["boxes"][:, None, :] - b["boxes"][None, :, :]).abs().amax(-1)  # [N, N] px
+    j = d.argmin(1)
+    assert d.min(1).values.max() < px and len(set(j.tolist())) == len(j)
+    assert torch.allclose(a["scores"], b["scores"][j], atol=score) and torch.equal(a["labels"], b["labels"][j])
+
+
+def assert_same_detections_bf16(ref, got, *, matched=0.85, score=0.01):
+    """``got`` (bf16 autocast) gives ``ref``'s (fp32) detections within bf16's tolerance.
+
+    bf16 keeps 8 bits of mantissa, so near-tied scores can reorder and a box at the top-k or NMS margin can
+    swap for its neighbour: at least ``matched`` of ``ref``'s boxes must have a box of the same label in ``got``
+    at IoU > 0.9, with a score within ``score``.
+    """
+    from torchvision.ops import box_iou
+
+    assert abs(len(ref["boxes"]) - len(got["boxes"])) <= (1 - matched) * len(ref["boxes"])
+    if not len(ref["boxes"]):
+        return
+    iou = box_iou(ref["boxes"], got["boxes"])
+    iou[ref["labels"][:, None] != got["labels"][None, :]] = 0
+    best, j = iou.max(1)
+    ok = best > 0.9
+    assert ok.float().mean() >= matched
+    assert (ref["scores"][ok] - got["scores"][j[ok]]).abs().max() < score
 
 
 class Oracle(Detector):
@@ -434,3 +472,23 @@ def test_a_lost_ctrl_c_still_stops_detection(tmp_path):
         interrupt.clear()
     assert Oracle.calls < plan_scene(p, oracle(ck), cfg).grid.n_tiles / 2
     assert not out.exists() and not list(tmp_path.glob(".o*tmp*"))
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16"])
+def test_detector_fast_path_equals_the_reference_model(tmp_path, precision):
+    """The Detector (folded norms, channels-last, capped NMS, bf16 where asked) gives the plain fp32 model's
+    detections: within 1e-3 px and 1e-5 in score in fp32, within bf16's tolerance in bf16."""
+    from geonet.checkpoint import load_checkpoint
+
+    ck = make_ckpt(tmp_path / "m.pt", bands=3, dtype="uint8", chip=256, spread=True)
+    x = torch.randint(0, 255, (4, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ref_model, _ = load_checkpoint(ck)
+    with torch.inference_mode():
+        ref = ref_model.eval().predict_batch(x)
+    got = Detector(ck, device="cpu", precision=precision)(x)
+    assert all(len(r["boxes"]) > 50 for r in ref)  # the comparison is not vacuous
+    for r, g in zip(ref, got):
+        if precision == "32":
+            assert_same_detections(r, g)
+        else:
+            assert_same_detections_bf16(r, g)
