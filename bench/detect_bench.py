@@ -12,6 +12,9 @@ writer get a realistic, heavy load. In the same process, on the same tiles with 
 * ``forward``: backbone + heads only;
 * ``end-to-end``: ``detect_scene`` -- reading in workers, model, seam merge, GeoJSON writing.
 
+The three are taken in turn, ``--repeat`` rounds (default 3), and the medians reported: one round's figures
+move by 5-10 % on a shared 2-core machine, more than the time outside the model that their difference measures.
+
 The ratio end-to-end / model is the share of the model's speed the pipeline keeps (target >= 0.85).
 On CUDA it also prints seconds per km² at 0.1 m GSD.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,33 +85,40 @@ def throughput(args, tmp: Path) -> dict:
         det(b)
     sync = torch.cuda.synchronize if det.device.type == "cuda" else (lambda: None)
     sync()
-    with Timer() as t_model:
-        for b in batches:
-            det(b)
-        sync()
     tiles = sum(len(b) for b in batches)
-    # forward only: backbone + heads
     m = det.model
-    with torch.inference_mode(), Timer() as t_fwd:
-        for b in batches:
-            x = m.transform.batch(b.to(det.device))
-            with torch.autocast(det.device.type, dtype=det.amp_dtype, enabled=det.amp_dtype is not None):
-                m.head(list(m.backbone(x).values()))
-        sync()
-    with Timer() as t_e2e:
-        res = detect_scene(scene, det, cfg, tmp / "out.geojson")
-    model_tps = tiles / t_model.s
-    e2e_tps = res.tiles / t_e2e.s
+    rounds = []
+    # the three measures in turn, ``--repeat`` rounds, medians: on a shared 2-core machine one round's figures
+    # move by 5-10 %, more than the time outside the model that their difference measures
+    for _ in range(args.repeat):
+        with Timer() as t_model:
+            for b in batches:
+                det(b)
+            sync()
+        # forward only: backbone + heads
+        with torch.inference_mode(), Timer() as t_fwd:
+            for b in batches:
+                x = m.transform.batch(b.to(det.device))
+                with torch.autocast(det.device.type, dtype=det.amp_dtype, enabled=det.amp_dtype is not None):
+                    m.head(list(m.backbone(x).values()))
+            sync()
+        with Timer() as t_e2e:
+            res = detect_scene(scene, det, cfg, tmp / "out.geojson")
+        rounds.append({"model_tiles_per_s": tiles / t_model.s, "forward_tiles_per_s": tiles / t_fwd.s,
+                       "e2e_tiles_per_s": res.tiles / t_e2e.s,
+                       "model_idle_s": t_e2e.s - res.seconds_model})
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    model_tps, e2e_tps = med["model_tiles_per_s"], med["e2e_tiles_per_s"]
     out = {"device": device_line(), "scene_px": args.size, "tiles": res.tiles, "batch_size": bs,
-           "workers": cfg.workers, "amp": det.precision, "backbone": args.backbone,
-           "model_tiles_per_s": model_tps, "forward_tiles_per_s": tiles / t_fwd.s, "e2e_tiles_per_s": e2e_tps,
-           "ratio_e2e_over_model": e2e_tps / model_tps, "ratio_e2e_over_forward": e2e_tps / (tiles / t_fwd.s),
+           "workers": cfg.workers, "amp": det.precision, "backbone": args.backbone, "repeat": args.repeat,
+           "model_tiles_per_s": model_tps, "forward_tiles_per_s": med["forward_tiles_per_s"], "e2e_tiles_per_s": e2e_tps,
+           "ratio_e2e_over_model": e2e_tps / model_tps, "ratio_e2e_over_forward": e2e_tps / med["forward_tiles_per_s"],
            "detections": res.detections, "ms_per_tile_outside_model": 1000 * (1 / e2e_tps - 1 / model_tps),
            # the same run's model seconds: time the model was not running (reading the first batch, merging and
            # writing after the last, waits in between), per tile; the figure above also counts the model's
            # slowdown while reader threads decode on the same cores
-           "ms_per_tile_model_idle": 1000 * (t_e2e.s - res.seconds_model) / res.tiles,
-           "peak_rss_mb": peak_rss_mb()}
+           "ms_per_tile_model_idle": 1000 * med["model_idle_s"] / res.tiles,
+           "rounds": rounds, "peak_rss_mb": peak_rss_mb()}
     stride = plan.grid.tile - plan.overlap
     out["s_per_km2_at_0.1m"] = (1e8 / stride ** 2) / e2e_tps
     return out
@@ -137,6 +148,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--amp", default="auto")
     ap.add_argument("--model-batches", type=int, default=24)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of the three measures, taken in turn (medians)")
     ap.add_argument("--rss", default="", help="comma-separated scene sizes for the peak-RSS runs")
     ap.add_argument("--rss-model", choices=["null", "real"], default="null")
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
@@ -148,7 +160,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         r = throughput(args, Path(d))
     print(f"{r['device']}; {r['backbone']}, {r['amp']}, batch {r['batch_size']}, workers {r['workers']}, "
-          f"{r['tiles']} tiles of a {r['scene_px']} px scene")
+          f"{r['tiles']} tiles of a {r['scene_px']} px scene; medians of {r['repeat']} rounds")
     print(f"{'forward only':>16}: {r['forward_tiles_per_s']:8.2f} tiles/s")
     print(f"{'model (+NMS)':>16}: {r['model_tiles_per_s']:8.2f} tiles/s")
     print(f"{'end-to-end':>16}: {r['e2e_tiles_per_s']:8.2f} tiles/s  -> ratio e2e/model {r['ratio_e2e_over_model']:.3f},"
