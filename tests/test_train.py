@@ -120,6 +120,41 @@ def test_resume_after_ctrl_c_gives_identical_weights(scenes):
     assert np.allclose(lb["train/loss_epoch"], la["train/loss_epoch"])
 
 
+def test_short_epochs_save_on_validation_epochs_and_resume_from_there(scenes, monkeypatch):
+    """With many short epochs the resumable state is saved on validated epochs and the last (not after every
+    epoch); Ctrl-C keeps the last saved epoch, says so, and --resume ends with the uninterrupted weights."""
+    from geonet.training import callbacks, load_run_config
+    from geonet.training import run as run_mod
+
+    tmp, rasters, labels = scenes
+    monkeypatch.setattr(run_mod, "VALIDATIONS", 2)  # 4 epochs: validate (and save) every 2nd
+    monkeypatch.setattr(callbacks, "SAVE_EVERY_S", 1e9)
+    saves = []
+    real = callbacks.RunCheckpoint._save_resume
+    monkeypatch.setattr(callbacks.RunCheckpoint, "_save_resume",
+                        lambda self, trainer: (saves.append(trainer.current_epoch), real(self, trainer))[1])
+    kw = dict(epochs=4, limit_train_batches=2)
+    train(_cfg(tmp, rasters, labels, "straight", **kw), progress=False)
+    assert saves == [0, 1, 3]  # before the first step, after epochs 1 and 3 (0-based)
+    with pytest.raises(TrainingInterrupted, match="state after 2 complete epoch") as ei:
+        train(_cfg(tmp, rasters, labels, "cut", **kw), progress=False, extra_callbacks=[_ctrl_c(3)])
+    assert ei.value.exit_code == 130
+    assert header(tmp / "cut" / "last.pt").epoch == 1
+    train(load_run_config(tmp / "cut"), resume=True, progress=False)
+    (a, wa), (b, wb) = read_checkpoint(tmp / "straight" / "last.pt"), read_checkpoint(tmp / "cut" / "last.pt")
+    assert a.epoch == b.epoch == 3
+    for k, v in wa.items():
+        assert torch.equal(v, wb[k]), k
+
+
+def test_save_due():
+    from geonet.training.callbacks import save_due
+
+    due = [e for e in range(10) if save_due(e, max_epochs=10, val_every=4, seconds_since_save=0.0, every_s=60)]
+    assert due == [3, 7, 9]
+    assert save_due(0, max_epochs=10, val_every=4, seconds_since_save=61.0, every_s=60)
+
+
 def test_ctrl_c_delivered_inside_a_finaliser_still_stops(scenes):
     """A SIGINT that lands in a __del__ would be swallowed by Python; training must still stop."""
     import lightning.pytorch as pl

@@ -303,10 +303,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         except SystemExit:  # Lightning's handling of KeyboardInterrupt ends with sys.exit(1)
             if trainer.global_rank != 0:  # another DDP process: rank 0 reports the interruption
                 raise SystemExit(TrainingInterrupted.exit_code) from None
-            done = trainer.current_epoch
+            done = checkpoints.saved_epochs
             raise TrainingInterrupted(
-                f"training interrupted during epoch {done}; {run / 'last.ckpt'} holds the state after "
-                f"{done} complete epoch(s).", fix=f"continue with `geonet train --resume -o {run}`.") from None
+                f"training interrupted during epoch {trainer.current_epoch}; {run / 'last.ckpt'} holds the state "
+                f"after {done} complete epoch(s).", fix=f"continue with `geonet train --resume -o {run}`.") from None
     best_metrics = read_checkpoint(run / "best.pt")[0].metrics if (run / "best.pt").exists() else {}
     result = TrainResult(
         run_dir=str(run), epochs_run=trainer.current_epoch, best_epoch=checkpoints.best_epoch,
