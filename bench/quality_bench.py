@@ -19,6 +19,11 @@ subprocesses, so the figures are those of the command line:
   (0.15 m, a GSD the model never saw) inside the held-out blocks only.
 * ``atlanta`` -- one 16-bit panchromatic scene, block split, evaluated on the held-out blocks.
 
+Two columns are diagnostics, tuned on the test ground and never a result: ``R, any score`` (recall at IoU
+0.4 with every detection down to the model's 0.05: does the model find the objects at all?) and ``F1, oracle
+thr`` (the best F1 over score thresholds, and that threshold: what choosing the threshold on the test ground
+would give). Both come from ``geonet evaluate`` on the fold's detections.
+
 Output: one Markdown table per protocol on stdout and in ``--out``/``quality.md``, plus every run
 folder and report (``--out``, default ``bench/out/quality``). A run folder that already holds
 ``best.pt`` and a report is reused (``--fresh`` retrains), so an interrupted bench resumes.
@@ -103,11 +108,38 @@ def train_and_evaluate(name: str, out: Path, flags: str, train_args: list[str], 
     rep = json.loads((report / "report.json").read_text())
     s = json.loads(summary.read_text())
     op = rep["operating_point"]
-    stacked = stacked_pairs(sorted((out / "report-detections").glob("*.geojson")), thr)
+    detections = sorted((out / "report-detections").glob("*.geojson"))
+    stacked = stacked_pairs(detections, thr)
+    # diagnostics on the same detections, tuned on the test ground (never a result): recall with every
+    # detection down to the model's 0.05 (does it find the objects at all?) and the best F1 over thresholds
+    # (what a threshold chosen on this ground would give)
+    truth_args = _without(eval_args, "--imagery")
+    diag = {}
+    for key, thr_args in (("any", ["--score-thresh", "0.05"]), ("oracle", [])):
+        folder = out / f"report-{key}"
+        if fresh or t_train is not None or not (folder / "report.json").exists():
+            geonet("evaluate", *map(str, detections), *truth_args, "--iou", "0.4", *thr_args, "-o", str(folder),
+                   "--overwrite", log=log)
+        diag[key] = json.loads((folder / "report.json").read_text())["operating_point"]
     return {"name": name, "stacked": stacked, "P": op["precision"], "R": op["recall"], "F1": op["f1"],
             "AP50": rep["metrics"]["AP50"],
             "AP": rep["metrics"]["AP"], "thr": thr, "n_truth": rep["n_truth"], "train_s": s["seconds"],
-            "epochs": s["epochs_run"], "val_AP50": (s.get("best_metrics") or {}).get("AP50")}
+            "epochs": s["epochs_run"], "val_AP50": (s.get("best_metrics") or {}).get("AP50"),
+            "R_any": diag["any"]["recall"], "F1_oracle": diag["oracle"]["f1"],
+            "thr_oracle": diag["oracle"]["score_thresh"]}
+
+
+def _without(args: list[str], option: str) -> list[str]:
+    """``args`` without ``option`` and its value."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        else:
+            out.append(a)
+    return out
 
 
 def stacked_pairs(files: list[Path], thr: float, iou: float = 0.3) -> int:
@@ -191,16 +223,19 @@ PROTOCOLS = {"loso": loso, "indomain": indomain, "kampala": kampala, "atlanta": 
 
 def table(title: str, results: dict[str, list[dict]]) -> str:
     lines = [f"### {title}", "", "| recipe | ground | P | R | F1 | AP50 | score thr | stacked pairs | truth | train s | "
-             "epochs | val AP50 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "epochs | val AP50 | R, any score | F1, oracle thr |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for recipe, rows in results.items():
         for r in rows:
             lines.append(f"| {recipe} | {r['name']} | {r['P']:.3f} | {r['R']:.3f} | {r['F1']:.3f} | {r['AP50']:.3f} | "
                          f"{r['thr']:.3f} | {r['stacked']} | {r['n_truth']} | {r['train_s']:.0f} | {r['epochs']} | "
-                         f"{(r['val_AP50'] if r['val_AP50'] is not None else float('nan')):.3f} |")
+                         f"{(r['val_AP50'] if r['val_AP50'] is not None else float('nan')):.3f} | {r['R_any']:.3f} | "
+                         f"{r['F1_oracle']:.3f} ({r['thr_oracle']:.2f}) |")
         if len(rows) > 1:
-            mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("P", "R", "F1", "AP50", "train_s")}
+            mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("P", "R", "F1", "AP50", "train_s", "R_any",
+                                                                     "F1_oracle")}
             lines.append(f"| {recipe} | **mean** | **{mean['P']:.3f}** | **{mean['R']:.3f}** | **{mean['F1']:.3f}** | "
-                         f"**{mean['AP50']:.3f}** | | | | {mean['train_s']:.0f} | | |")
+                         f"**{mean['AP50']:.3f}** | | | | {mean['train_s']:.0f} | | | {mean['R_any']:.3f} | "
+                         f"{mean['F1_oracle']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
