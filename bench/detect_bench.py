@@ -154,6 +154,8 @@ def main() -> None:
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be 1 or more")
     if args.rss_child:
         rss_child(args.rss_child, args.rss_model, args.backbone)
         return

@@ -102,7 +102,8 @@ def train_and_evaluate(name: str, out: Path, flags: str, train_args: list[str], 
         t_train = geonet("train", *train_args, "-o", str(run), "--overwrite", "--no-progress", *shlex.split(flags),
                          log=log)
     thr = operating_score(run / "best.pt")
-    if fresh or t_train is not None or not (report / "report.json").exists():
+    redo = fresh or t_train is not None or not (report / "report.json").exists()
+    if redo:
         geonet("evaluate", "--model", str(run / "best.pt"), *eval_args, "--iou", "0.4", "--score-thresh",
                f"{thr:.6f}", "-o", str(report), "--overwrite", log=log)
     rep = json.loads((report / "report.json").read_text())
@@ -111,13 +112,13 @@ def train_and_evaluate(name: str, out: Path, flags: str, train_args: list[str], 
     detections = sorted((out / "report-detections").glob("*.geojson"))
     stacked = stacked_pairs(detections, thr)
     # diagnostics on the same detections, tuned on the test ground (never a result): recall with every
-    # detection down to the model's 0.05 (does it find the objects at all?) and the best F1 over thresholds
+    # detection in the files (down to the model's 0.05) (does it find the objects at all?) and the best F1 over thresholds
     # (what a threshold chosen on this ground would give)
     truth_args = _without(eval_args, "--imagery")
     diag = {}
-    for key, thr_args in (("any", ["--score-thresh", "0.05"]), ("oracle", [])):
+    for key, thr_args in (("any", ["--score-thresh", "0"]), ("oracle", [])):
         folder = out / f"report-{key}"
-        if fresh or t_train is not None or not (folder / "report.json").exists():
+        if redo or not (folder / "report.json").exists():
             geonet("evaluate", *map(str, detections), *truth_args, "--iou", "0.4", *thr_args, "-o", str(folder),
                    "--overwrite", log=log)
         diag[key] = json.loads((folder / "report.json").read_text())["operating_point"]

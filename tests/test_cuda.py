@@ -17,11 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 @cuda
 @pytest.mark.parametrize("amp", ["32", "bf16"])
-def test_cuda_detections_match_cpu(tmp_path, amp):
-    from test_detect import assert_same_detections, assert_same_detections_bf16, make_ckpt
+def test_cuda_detections_match_cpu(tmp_path, amp, monkeypatch):
+    from test_detect import assert_same_detections_bf16, make_ckpt
 
     from geonet.detect import Detector
 
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # "32" means fp32 convolutions here
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     ck = make_ckpt(tmp_path / "m.pt", bands=3, dtype="uint8", chip=256, spread=True)
     x = torch.randint(0, 255, (4, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     cpu = Detector(ck, device="cpu", precision="32")(x)
@@ -29,8 +31,8 @@ def test_cuda_detections_match_cpu(tmp_path, amp):
     assert all(len(a["boxes"]) > 50 for a in cpu)  # the comparison below is not vacuous
     for a, b in zip(cpu, gpu):
         b = {k: v.cpu() for k, v in b.items()}
-        if amp == "32":
-            assert_same_detections(a, b, px=1e-2, score=1e-3)
+        if amp == "32":  # other kernels: scores differ by ~1e-6, so boxes tied at the 300-box cap may swap
+            assert_same_detections_bf16(a, b, matched=0.98, score=1e-4, iou=0.99)
         else:
             assert_same_detections_bf16(a, b)
 

@@ -145,6 +145,9 @@ def test_short_epochs_save_on_validation_epochs_and_resume_from_there(scenes, mo
     assert a.epoch == b.epoch == 3
     for k, v in wa.items():
         assert torch.equal(v, wb[k]), k
+    # epoch 2 ran twice (before the Ctrl-C, unsaved, and after --resume); the log keeps it once
+    la, lb = (pd.read_csv(tmp / r / "metrics.csv").dropna(subset=["train/loss_epoch"]) for r in ("straight", "cut"))
+    assert list(lb["epoch"]) == list(la["epoch"]) == [0, 1, 2, 3]
 
 
 def test_save_due():

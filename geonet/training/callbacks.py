@@ -96,9 +96,9 @@ class RunCheckpoint(pl.Callback):
         # every DDP process must take the same decision (the save is collective): rank 0's clock decides
         if not trainer.strategy.broadcast(due, src=0):
             return
-        self.saved_epochs, self._saved_at = epoch + 1, time.monotonic()
         if not trainer.is_global_zero:
             self._save_resume(trainer)
+            self._saved(epoch)
             return
         metrics = dict(getattr(pl_module, "last_metrics", {}) or {})
         header = self.header(metrics, epoch)
@@ -109,6 +109,11 @@ class RunCheckpoint(pl.Callback):
             self.best, self.best_epoch = score, epoch
             save_checkpoint(self.run / "best.pt", pl_module.model, header)
         self._save_resume(trainer)
+        self._saved(epoch)
+
+    def _saved(self, epoch: int) -> None:
+        # after the write: a second Ctrl-C that cuts it short leaves the previous last.ckpt (atomic writes)
+        self.saved_epochs, self._saved_at = epoch + 1, time.monotonic()
 
 
 class DeferredInterrupt:
@@ -118,7 +123,7 @@ class DeferredInterrupt:
     inside a finaliser (``__del__``, a weakref callback) it is printed and swallowed, and training
     carries on (seen once in CI). Inside ``with DeferredInterrupt() as stop:`` the handler only sets a
     flag; :meth:`check` (called by :class:`StopOnInterrupt` from the batch and epoch hooks) raises
-    ``KeyboardInterrupt`` there, so Lightning's graceful shutdown runs and the last complete epoch's
+    ``KeyboardInterrupt`` there, so Lightning's graceful shutdown runs and the last saved epoch's
     checkpoint is kept. A second Ctrl-C interrupts at once.
     """
 

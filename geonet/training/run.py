@@ -7,8 +7,9 @@ Run folder (``-o runs/NAME``):
   ``val_area.geojson``: the ground of the val split (EPSG:4326), the ``--aoi`` for evaluating on
   held-out ground only;
 * ``last.ckpt``: Lightning's resumable checkpoint (model, optimizer, schedule, loop state), written
-  atomically at the end of every epoch and once before the first step, so a run stopped at any point
-  (Ctrl-C included) can continue with ``--resume``;
+  atomically once before the first step and at the end of every validated epoch, of the last epoch and
+  of any epoch ending :data:`~geonet.training.callbacks.SAVE_EVERY_S` seconds after the previous save,
+  so a run stopped at any point (Ctrl-C included) can continue with ``--resume``;
 * ``last.pt`` and ``best.pt`` (best validation AP): self-describing detector checkpoints
   (:mod:`geonet.checkpoint`) that ``geonet detect`` needs and nothing else;
 * ``metrics.csv`` (CSV log), ``tb/`` (TensorBoard), ``curves.png`` (loss and validation AP),
@@ -18,7 +19,7 @@ Run folder (``-o runs/NAME``):
 are fixed (:mod:`geonet.training.data`); on the CPU ``torch.use_deterministic_algorithms`` is on.
 Checkpoints are taken at epoch ends only, so a resumed run replays exactly the epochs an
 uninterrupted run would: on the CPU it ends with identical weights (tested). Ctrl-C loses at most the
-epoch in progress.
+epoch in progress plus the epochs since the last save (at most about a minute of training).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ __all__ = ["train", "TrainResult", "TrainingInterrupted", "check_run_dir", "mode
 
 
 class TrainingInterrupted(RunError):
-    """Training stopped by Ctrl-C (SIGINT); the last complete epoch's checkpoint is kept."""
+    """Training stopped by Ctrl-C (SIGINT); the last saved epoch's checkpoint is kept."""
 
     exit_code = 130
 
@@ -235,7 +236,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     Raises:
         InputError: bad options or data (before anything is written).
         NonFiniteLoss: the loss became NaN/inf; the last good checkpoint is kept.
-        TrainingInterrupted: Ctrl-C; the last complete epoch's checkpoint is kept.
+        TrainingInterrupted: Ctrl-C; the last saved epoch's checkpoint is kept.
     """
     cfg.validate()
     if is_torchgeo(cfg.weights) and not resume:  # a bad name or backbone fails before anything is read
