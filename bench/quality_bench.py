@@ -67,6 +67,8 @@ RECIPES: dict[str, str] = {
     "batch-2": f"{W} --batch-size 2",
     "trainable-5": f"{W} --trainable-layers 5",
     "fp32": f"{W} --amp 32",
+    # not an ablation: a wider scale jitter, for sites whose crowns are smaller or larger than the training ones
+    "scale-0.5-2": f"{W} --scale-range 0.5,2",
 }
 
 

@@ -101,6 +101,9 @@ def _csv(values) -> str:
 @click.option("--augment", type=click.Choice(AUGMENT_CHOICES), default=None, show_default=D.augment,
               help="strong: flips, 90-degree rotations, scale 0.8-1.25, contrast, brightness, gain, saturation, hue; "
                    "light: flips, rotations, mild contrast and brightness; none.")
+@click.option("--scale-range", default=None, metavar="MIN,MAX", show_default="0.8,1.25 with strong",
+              help="Resize factor range of the scale jitter (log-uniform); wider (e.g. 0.5,2) for new ground "
+                   "where objects may be smaller or larger than in the training labels.")
 @click.option("--early-stopping", type=int, default=None, show_default=str(D.optim.early_stopping), metavar="EPOCHS",
               help="Stop when validation AP has not improved for this many epochs (0: off).")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default=None, show_default=D.device)
@@ -116,12 +119,13 @@ def _csv(values) -> str:
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint (same schedule).")
 @shared(seed_opt, overwrite_opt, progress_opt, json_opt)
 def train(config, output, resume, overwrite, progress, as_json, split, anchor_sizes, anchor_scales, anchor_ratios,
-          imagery, **options):
+          scale_range, imagery, **options):
     """Train a RetinaNet; writes best.pt/last.pt (self-describing checkpoints) and logs to -o."""
     options = given({**options, "imagery": list(imagery) or None, "val_fraction": parse_split(split),
                      "anchor_sizes": parse_floats(anchor_sizes, "--anchor-sizes"),
                      "anchor_scales": parse_floats(anchor_scales, "--anchor-scales"),
-                     "anchor_ratios": parse_floats(anchor_ratios, "--anchor-ratios")})
+                     "anchor_ratios": parse_floats(anchor_ratios, "--anchor-ratios"),
+                     "scale_range": parse_floats(scale_range, "--scale-range")})
     if resume:
         cfg, ignored = resume_config(output, options)
         if ignored:

@@ -82,15 +82,17 @@ class OverheadAugment:
         self.band_std = None if band_std is None else torch.as_tensor(band_std, dtype=torch.float32)
 
     @classmethod
-    def for_training(cls, *, strength: str, band_std: Sequence[float] | None = None) -> OverheadAugment:
+    def for_training(cls, *, strength: str, band_std: Sequence[float] | None = None,
+                     scale: tuple[float, float] | None = None) -> OverheadAugment:
         """The augmentation of a ``--augment`` level: ``"light"`` (dihedral, +-10 % contrast and brightness,
         as geonet 0.1 did) or ``"strong"`` (also scale 0.8-1.25, +-25 % contrast, gain +-10 %, saturation
-        +-30 %, hue +-10 degrees, brightness +-20 % of a standard deviation)."""
+        +-30 %, hue +-10 degrees, brightness +-20 % of a standard deviation). ``scale`` replaces the level's
+        scale range (``--scale-range``)."""
         if strength == "light":
-            return cls(band_std=band_std)
+            return cls(band_std=band_std, scale=scale)
         if strength == "strong":
-            return cls(scale=(0.8, 1.25), contrast=0.25, brightness=0.2, gain=0.1, saturation=0.3, hue=10.0,
-                       band_std=band_std)
+            return cls(scale=scale or (0.8, 1.25), contrast=0.25, brightness=0.2, gain=0.1, saturation=0.3,
+                       hue=10.0, band_std=band_std)
         raise ValueError(f"unknown augmentation strength {strength!r}")
 
     def __call__(self, image: Tensor, target: dict, g: torch.Generator):

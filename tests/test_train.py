@@ -368,6 +368,35 @@ def test_config_round_trip_and_old_flat_files(tmp_path):
         TrainConfig.from_dict({"chip": {"sise": 3}})
 
 
+def test_scale_range_option(tmp_path):
+    """--scale-range sets the scale jitter of the augmentation, survives config.yaml, and is checked."""
+    from geonet.augment import OverheadAugment
+
+    cfg = TrainConfig.from_options(dict(output=str(tmp_path), imagery=["a.tif"], labels="l.shp",
+                                        scale_range=[0.5, 2]))
+    assert cfg.scale_range == (0.5, 2.0)
+    d = cfg.to_dict()
+    assert yaml.safe_load(yaml.safe_dump(d))["scale_range"] == [0.5, 2.0]
+    assert TrainConfig.from_dict(d) == cfg
+    assert OverheadAugment.for_training(strength="strong", scale=cfg.scale_range).scale == (0.5, 2.0)
+    assert OverheadAugment.for_training(strength="strong").scale == (0.8, 1.25)
+    aug = OverheadAugment.for_training(strength="strong", scale=(2.0, 2.0 + 1e-9))  # resizes by 2
+    img = torch.zeros(3, 40, 40)
+    tgt = {"boxes": torch.tensor([[4.0, 4.0, 14.0, 24.0]]), "labels": torch.ones(1, dtype=torch.int64),
+           "ignore": torch.zeros(0, 4)}
+    out, t = aug(img, tgt, torch.Generator().manual_seed(0))
+    assert out.shape[-2:] == (80, 80)
+    wh = t["boxes"][0, 2:] - t["boxes"][0, :2]
+    assert sorted(wh.tolist()) == pytest.approx([20.0, 40.0], abs=0.01)  # twice the size, maybe rotated
+    for bad in ([0.05, 2], [2, 0.5]):
+        with pytest.raises(InputError, match="--scale-range"):
+            TrainConfig.from_options(dict(output=str(tmp_path), imagery=["a.tif"], labels="l.shp",
+                                          scale_range=bad)).validate()
+    with pytest.raises(InputError, match="augment none"):
+        TrainConfig.from_options(dict(output=str(tmp_path), imagery=["a.tif"], labels="l.shp", scale_range=[0.5, 2],
+                                      augment="none")).validate()
+
+
 def test_val_area_is_the_ground_of_the_val_split(scenes):
     """val_area.geojson covers exactly the val windows: the --aoi for a held-out evaluation."""
     import shapely

@@ -143,7 +143,7 @@ class OptimConfig:
 
 
 _SECTIONS: dict[str, type] = {"data": DataConfig, "chip": ChipConfig, "model": ModelConfig, "optim": OptimConfig}
-_TOP = ("output", "weights", "fit_anchors", "augment", "seed", "device", "devices", "num_nodes", "amp", "workers",
+_TOP = ("output", "weights", "fit_anchors", "augment", "scale_range", "seed", "device", "devices", "num_nodes", "amp", "workers",
         "limit_train_batches")
 
 
@@ -174,6 +174,9 @@ class TrainConfig:
         fit_anchors: fit anchor sizes and ratios to the training boxes (:func:`geonet.anchors.fit_anchors`).
         augment: ``strong`` (dihedral, scale and photometric jitter), ``light`` or ``none``
             (:meth:`geonet.augment.OverheadAugment.for_training`).
+        scale_range: ``(min, max)`` resize factor of the scale jitter, drawn log-uniformly; ``None``: the
+            level's own (0.8-1.25 for ``strong``, none for ``light``). Wider ranges show the model objects
+            of other sizes than the training ground's (crowns of another forest type at the same GSD).
         seed: the run's seed (split, negative sampling, initialisation, shuffling, augmentation).
         device, amp: see :mod:`geonet.device`.
         devices: training processes per machine: one per GPU, or CPU processes (gloo) with ``device="cpu"``;
@@ -192,6 +195,7 @@ class TrainConfig:
     weights: str = "auto"
     fit_anchors: bool = True
     augment: str = "strong"
+    scale_range: tuple[float, float] | None = None
     seed: int = 0
     device: str = "auto"
     devices: int = 1
@@ -219,6 +223,14 @@ class TrainConfig:
                              fix="e.g. --num-nodes 2, or leave it out.")
         if self.augment not in AUGMENT_CHOICES:
             raise InputError(f"--augment {self.augment!r}: choose {', '.join(AUGMENT_CHOICES)}.")
+        if self.scale_range is not None:
+            lo, hi = self.scale_range
+            if not 0.1 <= lo <= hi <= 10:
+                raise InputError(f"--scale-range {lo:g},{hi:g}: needs 0.1 <= MIN <= MAX <= 10.",
+                                 fix="e.g. --scale-range 0.5,2.")
+            if self.augment == "none":
+                raise InputError("--scale-range needs augmentation; it is off (--augment none).",
+                                 fix="drop --scale-range, or use --augment strong.")
 
     @property
     def processes(self) -> int:
@@ -254,6 +266,11 @@ class TrainConfig:
             sec = names[k]
             if k in ("anchor_sizes", "anchor_scales", "anchor_ratios") and v is not None:
                 v = tuple(float(x) for x in v)
+            elif k == "scale_range" and v is not None:
+                v = tuple(float(x) for x in v)
+                if len(v) != 2:
+                    raise InputError(f"{source}: scale_range {list(v)} needs two numbers, MIN,MAX.",
+                                     fix="e.g. --scale-range 0.5,2.")
             elif k == "augment" and isinstance(v, bool):  # format 1: on/off (on was the light level)
                 v = "light" if v else "none"
             elif k in ("imagery",) and isinstance(v, str):
@@ -293,7 +310,8 @@ class TrainConfig:
             v = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
             d[sec] = {k: (list(x) if isinstance(x, tuple) else x) for k, x in v.items()
                       if k in _flat_names() and _flat_names()[k] == sec}
-        d.update({k: getattr(self, k) for k in _TOP if k != "output"})
+        d.update({k: (list(v) if isinstance(v, tuple) else v) for k in _TOP if k != "output"
+                  for v in [getattr(self, k)]})
         return d
 
     @classmethod

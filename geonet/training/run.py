@@ -253,7 +253,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if ds is not None:
             ds.fill_values = np.asarray(model_cfg.mean, dtype=np.float32)
     if cfg.augment != "none":
-        data.train.transform = OverheadAugment.for_training(strength=cfg.augment, band_std=model_cfg.std)
+        data.train.transform = OverheadAugment.for_training(strength=cfg.augment, band_std=model_cfg.std,
+                                                            scale=cfg.scale_range)
     cuda = device.type == "cuda"
     train_loader, val_loader, steps_per_epoch = _loaders(cfg, data, cuda=cuda)
     epochs, val_every = _schedule(cfg, steps_per_epoch)
