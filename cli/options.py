@@ -58,8 +58,8 @@ def parse_number(text: str) -> float:
     return float(t)
 
 
-def parse_floats(text: str | None, option: str) -> list[float] | None:
-    """``"32,64,128"`` or ``"2^0,2^(1/3)"`` -> list of floats (``None`` -> ``None``).
+def parse_floats(text: str | None, option: str, example: str = "32,64,128,256,512") -> list[float] | None:
+    """``"32,64,128"`` or ``"2^0,2^(1/3)"`` -> list of floats (``None`` -> ``None``); ``example`` goes in the fix.
 
     Raises:
         InputError: an item that is not a number.
@@ -70,7 +70,7 @@ def parse_floats(text: str | None, option: str) -> list[float] | None:
         return [parse_number(t) for t in str(text).replace(" ", "").split(",") if t]
     except ValueError:
         raise InputError(f"{option} {text!r} is not a comma-separated list of numbers.",
-                         fix="e.g. 32,64,128,256,512.") from None
+                         fix=f"e.g. {option} {example}.") from None
 
 
 def parse_area_bins(text: str | None) -> tuple[float, float] | None:

@@ -123,9 +123,9 @@ def train(config, output, resume, overwrite, progress, as_json, split, anchor_si
     """Train a RetinaNet; writes best.pt/last.pt (self-describing checkpoints) and logs to -o."""
     options = given({**options, "imagery": list(imagery) or None, "val_fraction": parse_split(split),
                      "anchor_sizes": parse_floats(anchor_sizes, "--anchor-sizes"),
-                     "anchor_scales": parse_floats(anchor_scales, "--anchor-scales"),
-                     "anchor_ratios": parse_floats(anchor_ratios, "--anchor-ratios"),
-                     "scale_range": parse_floats(scale_range, "--scale-range")})
+                     "anchor_scales": parse_floats(anchor_scales, "--anchor-scales", "2^0,2^(1/3),2^(2/3)"),
+                     "anchor_ratios": parse_floats(anchor_ratios, "--anchor-ratios", "0.5,1,2"),
+                     "scale_range": parse_floats(scale_range, "--scale-range", "0.5,2")})
     if resume:
         cfg, ignored = resume_config(output, options)
         if ignored:
