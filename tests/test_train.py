@@ -100,22 +100,30 @@ def _ctrl_c(at):
     return CtrlC()
 
 
-def test_resume_after_ctrl_c_gives_identical_weights(scenes):
-    tmp, rasters, labels = scenes
-    kw = dict(epochs=3, limit_train_batches=3)
-    train(_cfg(tmp, rasters, labels, "straight", **kw), progress=False)
-    with pytest.raises(TrainingInterrupted, match="--resume") as ei:
-        train(_cfg(tmp, rasters, labels, "cut", **kw), progress=False, extra_callbacks=[_ctrl_c(2)])
-    assert ei.value.exit_code == 130
-    assert header(tmp / "cut" / "last.pt").epoch == 1  # two complete epochs kept
+def _straight_then_cut_and_resumed(scenes, kw, at, match):
+    """Train ``straight``; train ``cut`` with Ctrl-C at the start of epoch ``at``, check the interruption, then
+    ``--resume`` it. Returns the ``last.pt`` checkpoints of both and their per-epoch logs."""
     from geonet.training import load_run_config
+
+    tmp, rasters, labels = scenes
+    train(_cfg(tmp, rasters, labels, "straight", **kw), progress=False)
+    with pytest.raises(TrainingInterrupted, match=match) as ei:
+        train(_cfg(tmp, rasters, labels, "cut", **kw), progress=False, extra_callbacks=[_ctrl_c(at)])
+    assert ei.value.exit_code == 130
+    kept = header(tmp / "cut" / "last.pt").epoch
     train(load_run_config(tmp / "cut"), resume=True, progress=False)
     (a, wa), (b, wb) = read_checkpoint(tmp / "straight" / "last.pt"), read_checkpoint(tmp / "cut" / "last.pt")
-    assert a.epoch == b.epoch == 2
     for k, v in wa.items():
         assert torch.equal(v, wb[k]), k
-    # the log keeps the epochs before the interruption, once each
     la, lb = (pd.read_csv(tmp / r / "metrics.csv").dropna(subset=["train/loss_epoch"]) for r in ("straight", "cut"))
+    return kept, a, b, la, lb
+
+
+def test_resume_after_ctrl_c_gives_identical_weights(scenes):
+    kept, a, b, la, lb = _straight_then_cut_and_resumed(scenes, dict(epochs=3, limit_train_batches=3), 2, "--resume")
+    assert kept == 1  # two complete epochs kept
+    assert a.epoch == b.epoch == 2
+    # the log keeps the epochs before the interruption, once each
     assert list(lb["epoch"]) == list(la["epoch"]) == [0, 1, 2]
     assert np.allclose(lb["train/loss_epoch"], la["train/loss_epoch"])
 
@@ -123,30 +131,23 @@ def test_resume_after_ctrl_c_gives_identical_weights(scenes):
 def test_short_epochs_save_on_validation_epochs_and_resume_from_there(scenes, monkeypatch):
     """With many short epochs the resumable state is saved on validated epochs and the last (not after every
     epoch); Ctrl-C keeps the last saved epoch, says so, and --resume ends with the uninterrupted weights."""
-    from geonet.training import callbacks, load_run_config
+    from geonet.training import callbacks
     from geonet.training import run as run_mod
 
-    tmp, rasters, labels = scenes
     monkeypatch.setattr(run_mod, "VALIDATIONS", 2)  # 4 epochs: validate (and save) every 2nd
     monkeypatch.setattr(callbacks, "SAVE_EVERY_S", 1e9)
     saves = []
     real = callbacks.RunCheckpoint._save_resume
     monkeypatch.setattr(callbacks.RunCheckpoint, "_save_resume",
                         lambda self, trainer: (saves.append(trainer.current_epoch), real(self, trainer))[1])
-    kw = dict(epochs=4, limit_train_batches=2)
-    train(_cfg(tmp, rasters, labels, "straight", **kw), progress=False)
-    assert saves == [0, 1, 3]  # before the first step, after epochs 1 and 3 (0-based)
-    with pytest.raises(TrainingInterrupted, match="state after 2 complete epoch") as ei:
-        train(_cfg(tmp, rasters, labels, "cut", **kw), progress=False, extra_callbacks=[_ctrl_c(3)])
-    assert ei.value.exit_code == 130
-    assert header(tmp / "cut" / "last.pt").epoch == 1
-    train(load_run_config(tmp / "cut"), resume=True, progress=False)
-    (a, wa), (b, wb) = read_checkpoint(tmp / "straight" / "last.pt"), read_checkpoint(tmp / "cut" / "last.pt")
+    kept, a, b, la, lb = _straight_then_cut_and_resumed(scenes, dict(epochs=4, limit_train_batches=2), 3,
+                                                        "state after 2 complete epoch")
+    # before the first step and after epochs 1 and 3 (0-based); the cut run: the same up to its Ctrl-C in epoch 3,
+    # whose resume (no save before its first step) saves after epoch 3
+    assert saves == [0, 1, 3] + [0, 1] + [3]
+    assert kept == 1
     assert a.epoch == b.epoch == 3
-    for k, v in wa.items():
-        assert torch.equal(v, wb[k]), k
     # epoch 2 ran twice (before the Ctrl-C, unsaved, and after --resume); the log keeps it once
-    la, lb = (pd.read_csv(tmp / r / "metrics.csv").dropna(subset=["train/loss_epoch"]) for r in ("straight", "cut"))
     assert list(lb["epoch"]) == list(la["epoch"]) == [0, 1, 2, 3]
 
 
