@@ -113,8 +113,8 @@ def train_and_evaluate(name: str, out: Path, flags: str, train_args: list[str], 
     op = rep["operating_point"]
     detections = sorted((out / "report-detections").glob("*.geojson"))
     stacked = stacked_pairs(detections, thr)
-    # diagnostics on the same detections, tuned on the test ground (never a result): recall with every
-    # detection in the files (down to the model's 0.05) (does it find the objects at all?) and the best F1 over thresholds
+    # diagnostics on the same detections, tuned on the test ground (never a result): recall with every detection
+    # in the files, down to the model's 0.05 (does it find the objects at all?), and the best F1 over thresholds
     # (what a threshold chosen on this ground would give)
     truth_args = _without(eval_args, "--imagery")
     diag = {}

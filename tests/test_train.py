@@ -389,7 +389,7 @@ def test_scale_range_option(tmp_path):
     assert out.shape[-2:] == (80, 80)
     wh = t["boxes"][0, 2:] - t["boxes"][0, :2]
     assert sorted(wh.tolist()) == pytest.approx([20.0, 40.0], abs=0.01)  # twice the size, maybe rotated
-    for bad in ([0.05, 2], [2, 0.5]):
+    for bad in ([0.05, 2], [2, 0.5], [0.5, 1, 2]):
         with pytest.raises(InputError, match="--scale-range"):
             TrainConfig.from_options(dict(output=str(tmp_path), imagery=["a.tif"], labels="l.shp",
                                           scale_range=bad)).validate()

@@ -143,8 +143,8 @@ class OptimConfig:
 
 
 _SECTIONS: dict[str, type] = {"data": DataConfig, "chip": ChipConfig, "model": ModelConfig, "optim": OptimConfig}
-_TOP = ("output", "weights", "fit_anchors", "augment", "scale_range", "seed", "device", "devices", "num_nodes", "amp", "workers",
-        "limit_train_batches")
+_TOP = ("output", "weights", "fit_anchors", "augment", "scale_range", "seed", "device", "devices", "num_nodes", "amp",
+        "workers", "limit_train_batches")
 
 
 def _flat_names() -> dict[str, str | None]:
@@ -224,6 +224,9 @@ class TrainConfig:
         if self.augment not in AUGMENT_CHOICES:
             raise InputError(f"--augment {self.augment!r}: choose {', '.join(AUGMENT_CHOICES)}.")
         if self.scale_range is not None:
+            if len(self.scale_range) != 2:
+                raise InputError(f"--scale-range {list(self.scale_range)} needs two numbers, MIN,MAX.",
+                                 fix="e.g. --scale-range 0.5,2.")
             lo, hi = self.scale_range
             if not 0.1 <= lo <= hi <= 10:
                 raise InputError(f"--scale-range {lo:g},{hi:g}: needs 0.1 <= MIN <= MAX <= 10.",
@@ -264,13 +267,8 @@ class TrainConfig:
         new = dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s)) for s in _SECTIONS})
         for k, v in options.items():
             sec = names[k]
-            if k in ("anchor_sizes", "anchor_scales", "anchor_ratios") and v is not None:
+            if k in ("anchor_sizes", "anchor_scales", "anchor_ratios", "scale_range") and v is not None:
                 v = tuple(float(x) for x in v)
-            elif k == "scale_range" and v is not None:
-                v = tuple(float(x) for x in v)
-                if len(v) != 2:
-                    raise InputError(f"{source}: scale_range {list(v)} needs two numbers, MIN,MAX.",
-                                     fix="e.g. --scale-range 0.5,2.")
             elif k == "augment" and isinstance(v, bool):  # format 1: on/off (on was the light level)
                 v = "light" if v else "none"
             elif k in ("imagery",) and isinstance(v, str):
