@@ -4,8 +4,9 @@
     .venv/bin/python bench/quality_bench.py --recipes today,default --protocols loso
     .venv/bin/python bench/quality_bench.py --list                # the recipes (rows) and protocols
 
-Every row is a *recipe*: the flags a user passes to ``geonet train`` (``default`` passes none). Every
-protocol trains with ``geonet train`` and scores with ``geonet evaluate`` exactly as a user would, in
+Every row is a *recipe*: the flags a user passes to ``geonet train`` (``default`` passes none), or a detection
+row (``tta``): another recipe's trained runs, detected with extra flags (``geonet evaluate --model ... --tta``).
+Every protocol trains with ``geonet train`` and scores with ``geonet evaluate`` exactly as a user would, in
 subprocesses, so the figures are those of the command line:
 
 * ``loso`` -- leave-one-site-out on ``../shared/data/neon-trees`` (sites SJER, OSBS, HARV): train on the
@@ -32,6 +33,7 @@ folder and report (``--out``, default ``bench/out/quality``). A run folder that 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -69,7 +71,41 @@ RECIPES: dict[str, str] = {
     "fp32": f"{W} --amp 32",
     # not an ablation: a wider scale jitter, for sites whose crowns are smaller or larger than the training ones
     "scale-0.5-2": f"{W} --scale-range 0.5,2",
+    # the backbone from scratch (the ImageNet weights are the ablated change)
+    "no-pretrained": "--weights none",
 }
+
+
+#: Rows that change only the detection: (the recipe whose trained runs they reuse, extra flags of ``geonet evaluate
+#: --model``). They train nothing of their own, so they cost a detection pass per fold.
+DETECT_ROWS: dict[str, tuple[str, str]] = {
+    "tta": ("default", "--tta"),
+    "light-augment+tta": ("light-augment", "--tta"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the tables: its name, the recipe that trains it (its run folders are
+    ``OUT/TRAIN_RECIPE/PROTOCOL[_SITE]/run``), that recipe's train flags, and extra detection flags."""
+
+    name: str
+    train_recipe: str
+    train_flags: str
+    detect_flags: str = ""
+
+    @classmethod
+    def named(cls, name: str) -> "Row":
+        if name in DETECT_ROWS:
+            recipe, detect_flags = DETECT_ROWS[name]
+            return cls(name, recipe, RECIPES[recipe], detect_flags)
+        if name not in RECIPES:
+            raise SystemExit(f"unknown recipe {name!r}; see --list")
+        return cls(name, name, RECIPES[name])
+
+    def folders(self, out: Path, fold: str) -> tuple[Path, Path]:
+        """The training run folder and this row's report folder of one fold (``loso_SJER``, ``indomain``...)."""
+        return out / self.train_recipe / fold / "run", out / self.name / fold
 
 
 def geonet(*args: str, log: Path) -> float:
@@ -92,22 +128,24 @@ def operating_score(ckpt: Path) -> float:
     return float(Detector(ckpt, device="cpu", precision="32").model.score_thresh)
 
 
-def train_and_evaluate(name: str, out: Path, flags: str, train_args: list[str], eval_args: list[str],
+def train_and_evaluate(name: str, row: Row, out: Path, fold: str, train_args: list[str], eval_args: list[str],
                        fresh: bool) -> dict:
     """Train (unless done), detect at the model's low threshold, and evaluate at its operating point."""
-    run, report = out / "run", out / "report"
+    run, out = row.folders(out, fold)
+    report = out / "report"
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
     summary = run / "summary.json"
     t_train = None
-    if fresh or not summary.exists():
-        t_train = geonet("train", *train_args, "-o", str(run), "--overwrite", "--no-progress", *shlex.split(flags),
-                         log=log)
+    if (fresh and row.train_recipe == row.name) or not summary.exists():
+        t_train = geonet("train", *train_args, "-o", str(run), "--overwrite", "--no-progress",
+                         *shlex.split(row.train_flags), log=log)
     thr = operating_score(run / "best.pt")
-    redo = fresh or t_train is not None or not (report / "report.json").exists()
+    redo = fresh or t_train is not None or not (report / "report.json").exists() \
+        or (report / "report.json").stat().st_mtime < (run / "best.pt").stat().st_mtime
     if redo:
         geonet("evaluate", "--model", str(run / "best.pt"), *eval_args, "--iou", "0.4", "--score-thresh",
-               f"{thr:.6f}", "-o", str(report), "--overwrite", log=log)
+               f"{thr:.6f}", *shlex.split(row.detect_flags), "-o", str(report), "--overwrite", log=log)
     rep = json.loads((report / "report.json").read_text())
     s = json.loads(summary.read_text())
     op = rep["operating_point"]
@@ -175,50 +213,50 @@ def _link_tiles(folder: Path, tiles: list[Path]) -> Path:
     return folder
 
 
-def loso(recipe: str, flags: str, out: Path, fresh: bool, folds=SITES) -> list[dict]:
+def loso(row: Row, out: Path, fresh: bool, folds=SITES) -> list[dict]:
     tiles = sorted((NEON / "tiles").glob("*.tif"))
     labels = str(NEON / "labels" / "trees.shp")
     rows = []
     for site in folds:
         train_dir = _link_tiles(out / "data" / f"without_{site}", [t for t in tiles if not t.name.startswith(site)])
         test_dir = _link_tiles(out / "data" / site, [t for t in tiles if t.name.startswith(site)])
-        r = train_and_evaluate(f"test {site}", out / recipe / f"loso_{site}", flags,
+        r = train_and_evaluate(f"test {site}", row, out, f"loso_{site}",
                                ["--imagery", str(train_dir), "--labels", labels, "--class-field", "label"],
                                ["--imagery", str(test_dir), "--truth", labels, "--class-field", "label"], fresh)
         rows.append(r)
     return rows
 
 
-def indomain(recipe: str, flags: str, out: Path, fresh: bool) -> list[dict]:
+def indomain(row: Row, out: Path, fresh: bool) -> list[dict]:
     labels = str(NEON / "labels" / "trees.shp")
-    run_out = out / recipe / "indomain"
+    run = row.folders(out, "indomain")[0]
     return [train_and_evaluate(
-        "NEON val plots", run_out, flags,
+        "NEON val plots", row, out, "indomain",
         ["--imagery", str(NEON / "tiles"), "--labels", labels, "--class-field", "label", "--split", "val=0.2"],
         ["--imagery", str(NEON / "tiles"), "--truth", labels, "--class-field", "label",
-         "--aoi", str(run_out / "run" / "val_area.geojson")], fresh)]
+         "--aoi", str(run / "val_area.geojson")], fresh)]
 
 
-def kampala(recipe: str, flags: str, out: Path, fresh: bool) -> list[dict]:
+def kampala(row: Row, out: Path, fresh: bool) -> list[dict]:
     d = SHARED / "kampala-buildings"
-    run_out = out / recipe / "kampala"
+    run = row.folders(out, "kampala")[0]
     return [train_and_evaluate(
-        "z20 held-out blocks", run_out, flags,
+        "z20 held-out blocks", row, out, "kampala",
         ["--imagery", str(d / "kampala_z19.tif"), "--imagery", str(d / "kampala_z21.tif"),
          "--labels", str(d / "buildings.geojson"), "--split", "val=0.3", "--split-by", "block"],
         ["--imagery", str(d / "kampala_z20.tif"), "--truth", str(d / "buildings.geojson"),
-         "--aoi", str(run_out / "run" / "val_area.geojson")], fresh)]
+         "--aoi", str(run / "val_area.geojson")], fresh)]
 
 
-def atlanta(recipe: str, flags: str, out: Path, fresh: bool) -> list[dict]:
+def atlanta(row: Row, out: Path, fresh: bool) -> list[dict]:
     d = SHARED / "spacenet-atlanta"
-    run_out = out / recipe / "atlanta"
+    run = row.folders(out, "atlanta")[0]
     return [train_and_evaluate(
-        "held-out blocks", run_out, flags,
+        "held-out blocks", row, out, "atlanta",
         ["--imagery", str(d / "atlanta_pan.tif"), "--labels", str(d / "buildings.geojson"), "--split", "val=0.3",
          "--split-by", "block"],
         ["--imagery", str(d / "atlanta_pan.tif"), "--truth", str(d / "buildings.geojson"),
-         "--aoi", str(run_out / "run" / "val_area.geojson")], fresh)]
+         "--aoi", str(run / "val_area.geojson")], fresh)]
 
 
 PROTOCOLS = {"loso": loso, "indomain": indomain, "kampala": kampala, "atlanta": atlanta}
@@ -253,7 +291,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.list:
         for k, v in RECIPES.items():
-            print(f"{k:>16}: geonet train ... {v}")
+            print(f"{k:>17}: geonet train ... {v}")
+        for k, (recipe, v) in DETECT_ROWS.items():
+            print(f"{k:>17}: {recipe}'s runs, geonet evaluate --model ... {v}")
         print("protocols:", ", ".join(PROTOCOLS))
         return
     if not NEON.is_dir():
@@ -264,11 +304,11 @@ def main(argv=None) -> None:
     for proto in args.protocols.split(","):
         results = {}
         for recipe in args.recipes.split(","):
-            flags = RECIPES[recipe]
+            row = Row.named(recipe)
             if proto == "loso":
-                results[recipe] = loso(recipe, flags, out, args.fresh, folds=args.folds.split(","))
+                results[recipe] = loso(row, out, args.fresh, folds=args.folds.split(","))
             else:
-                results[recipe] = PROTOCOLS[proto](recipe, flags, out, args.fresh)
+                results[recipe] = PROTOCOLS[proto](row, out, args.fresh)
             print(table(proto, {recipe: results[recipe]}), flush=True)
         md.append(table(proto, results))
     text = "\n".join(md)

@@ -35,9 +35,10 @@ D = EvalConfig()
               help="Upper bounds in square metres of the small and medium size bins.")
 @click.option("--model", default=None, metavar="CKPT", help="Detect first with this checkpoint on --imagery.")
 @click.option("--imagery", multiple=True, metavar="DIR|FILE|GLOB", help="Scenes to detect on (with --model).")
+@click.option("--tta", is_flag=True, help="Detect with test-time flips, as `geonet detect --tta` (with --model).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
 @shared(progress_opt, json_opt)
-def evaluate(predictions, truth, output, model, imagery, overwrite, class_map, area_bins, progress, as_json, **options):
+def evaluate(predictions, truth, output, model, imagery, tta, overwrite, class_map, area_bins, progress, as_json, **options):
     """Score PREDICTIONS (geonet outputs or any vector file with scores) against --truth."""
     cfg = EvalConfig(**given({**options, "area_bins": parse_area_bins(area_bins),
                               "class_map": parse_class_map(class_map)}))
@@ -48,8 +49,12 @@ def evaluate(predictions, truth, output, model, imagery, overwrite, class_map, a
                                  fix="drop the PREDICTIONS, or --model.")
             if not imagery:
                 raise InputError("--model needs --imagery (the scenes to detect on).", fix="add --imagery SCENES.")
-            rep = evaluate_model(model, imagery, truth, cfg, output, overwrite=overwrite, show_progress=progress)
+            rep = evaluate_model(model, imagery, truth, cfg, output, overwrite=overwrite, show_progress=progress,
+                                 tta=tta)
         else:
+            if tta:
+                raise InputError("--tta detects with --model; PREDICTIONS are already detected.",
+                                 fix="pass --model CKPT --imagery SCENES, or drop --tta.")
             rep = evaluate_files(predictions, truth, cfg, output, overwrite=overwrite)
     except ClassMismatch as exc:
         click.echo("class names of predictions and truth:\n" + exc.table, err=True)

@@ -681,7 +681,7 @@ def evaluate_files(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_
 
 
 def evaluate_model(model: str, imagery: Sequence[str], truth: str, cfg: EvalConfig, out_dir: str | os.PathLike[str],
-                   *, overwrite: bool = False, show_progress: bool | None = None) -> EvalReport:
+                   *, overwrite: bool = False, show_progress: bool | None = None, tta: bool = False) -> EvalReport:
     """Detect on ``imagery`` with ``model``, then evaluate against ``truth`` (``geonet evaluate --model``).
 
     Detections go to ``OUT_DIR-detections/`` (one GeoJSON per scene), at the model's own low score
@@ -689,6 +689,7 @@ def evaluate_model(model: str, imagery: Sequence[str], truth: str, cfg: EvalConf
     Precision, recall and F1 are reported at the model's operating point (the threshold ``geonet detect``
     applies by default) unless ``cfg.score_thresh`` says otherwise.
     Scenes already detected there are kept (resume), unless ``overwrite`` (the model may have changed).
+    ``tta`` detects with test-time flips (:class:`geonet.detect.DetectConfig` ``tta``), as ``geonet detect --tta``.
 
     Raises:
         InputError: bad inputs, or a scene that fails to detect.
@@ -705,7 +706,7 @@ def evaluate_model(model: str, imagery: Sequence[str], truth: str, cfg: EvalConf
     make_dir(det_dir)
     try:
         return _detect_and_evaluate(model, header, imagery, truth, cfg, out_dir, det_dir, overwrite=overwrite,
-                                    show_progress=show_progress)
+                                    show_progress=show_progress, tta=tta)
     except BaseException:
         if created and not any(det_dir.iterdir()):
             det_dir.rmdir()  # nothing detected: leave nothing behind
@@ -713,13 +714,13 @@ def evaluate_model(model: str, imagery: Sequence[str], truth: str, cfg: EvalConf
 
 
 def _detect_and_evaluate(model, header, imagery, truth, cfg: EvalConfig, out_dir, det_dir: Path, *, overwrite: bool,
-                         show_progress: bool | None) -> EvalReport:
+                         show_progress: bool | None, tta: bool) -> EvalReport:
     from geonet.detect import DetectConfig, detect, resolve_outputs
 
     log.info("detecting into %s/", det_dir)
     low = float(header.model_config.score_thresh)
     rep = detect(list(imagery), str(det_dir) + "/", DetectConfig(model=model, format="geojson", resume=not overwrite,
-                                                                 overwrite=overwrite, score_thresh=low),
+                                                                 overwrite=overwrite, score_thresh=low, tta=tta),
                  show_progress=show_progress)
     if rep.failed:
         raise InputError(f"{rep.failed} scene(s) failed to detect (see above).", fix="fix or leave out those scenes.")

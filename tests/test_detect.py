@@ -399,6 +399,29 @@ def test_tta_flips_boxes_back(tmp_path):
     assert len(out["boxes"]) == 1 and out["boxes"][0].tolist() == [60, 5, 90, 20]
 
 
+def test_tta_views_of_one_object_leave_one_box(tmp_path):
+    """Flipped views put one object's box a few pixels apart: merged at IoU <= TTA_MERGE_IOU, not at the model's
+    NMS IoU (0.5 here), so the map shows one box, not a stack (two boxes at IoU 0.36 before)."""
+    from geonet.detector import TTA_MERGE_IOU
+
+    det = Detector(make_ckpt(tmp_path / "m.pt"), tta=True, nms_iou=0.5)
+
+    def shifted_box(x, autocast=None):  # the object's box, 7 px right in the view's own frame
+        out = []
+        for tile in x:
+            ys, xs = torch.nonzero(tile[0] > 500, as_tuple=True)
+            b = torch.tensor([[xs.min() + 7, ys.min(), xs.max() + 8, ys.max() + 1]], dtype=torch.float32)
+            out.append({"boxes": b, "scores": torch.tensor([0.9]), "labels": torch.tensor([1])})
+        return out
+
+    det.model.predict_batch = shifted_box
+    x = torch.zeros(1, 1, 64, 96, dtype=torch.int64)
+    x[0, 0, 5:20, 60:90] = 1000
+    out = det(x)[0]
+    assert TTA_MERGE_IOU < 0.36 and len(out["boxes"]) == 1
+    assert det.nms_iou == 0.5  # the in-tile NMS and the seam merge keep the model's IoU
+
+
 def test_json_summary_and_no_progress_frames_in_logs(tmp_path):
     """Not a terminal: no carriage-return frames; --json prints a summary a script can parse."""
     import json

@@ -244,12 +244,21 @@ def test_cli_detect_then_evaluate(tmp_path):
     assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep-detections" / "scene.geojson").exists()
     assert "2 truth objects" in res.output
     meta = json.loads((tmp_path / "rep-detections" / "scene.geojson").read_text())["geonet"]
-    assert meta["score_thresh"] == pytest.approx(0.05)
+    assert meta["score_thresh"] == pytest.approx(0.05) and meta["tta"] is False
     # a stray file in the detections folder is not evaluated
     (tmp_path / "rep-detections" / "other.geojson").write_text("not json")
     res = CliRunner().invoke(cli, ["evaluate", "--model", str(ck), "--imagery", str(s), "--truth",
                                    str(tmp_path / "t.gpkg"), "-o", str(tmp_path / "rep"), "--overwrite"])
     assert res.exit_code == 0, res.output
+    # --tta detects as `geonet detect --tta` does, and says so in the detections' metadata
+    res = CliRunner().invoke(cli, ["evaluate", "--model", str(ck), "--imagery", str(s), "--truth",
+                                   str(tmp_path / "t.gpkg"), "-o", str(tmp_path / "rep-tta"), "--tta"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "rep-tta-detections" / "scene.geojson").read_text())["geonet"]["tta"] is True
+    # without --model there is nothing to detect: a usage error naming the fix
+    res = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "rep-tta-detections" / "scene.geojson"), "--truth",
+                                   str(tmp_path / "t.gpkg"), "-o", str(tmp_path / "rep2"), "--tta"])
+    assert res.exit_code == 2 and "--tta" in res.output and "Traceback" not in res.output, res.output
 
 
 def test_sites_in_several_utm_zones(tmp_path):
