@@ -131,10 +131,10 @@ def operating_score(ckpt: Path) -> float:
 def train_and_evaluate(name: str, row: Row, out: Path, fold: str, train_args: list[str], eval_args: list[str],
                        fresh: bool) -> dict:
     """Train (unless done), detect at the model's low threshold, and evaluate at its operating point."""
-    run, out = row.folders(out, fold)
-    report = out / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "log.txt"
+    run, folder = row.folders(out, fold)
+    report = folder / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "log.txt"
     summary = run / "summary.json"
     t_train = None
     if (fresh and row.train_recipe == row.name) or not summary.exists():
@@ -149,7 +149,7 @@ def train_and_evaluate(name: str, row: Row, out: Path, fold: str, train_args: li
     rep = json.loads((report / "report.json").read_text())
     s = json.loads(summary.read_text())
     op = rep["operating_point"]
-    detections = sorted((out / "report-detections").glob("*.geojson"))
+    detections = sorted((folder / "report-detections").glob("*.geojson"))
     stacked = stacked_pairs(detections, thr)
     # diagnostics on the same detections, tuned on the test ground (never a result): recall with every detection
     # in the files, down to the model's 0.05 (does it find the objects at all?), and the best F1 over thresholds
@@ -157,11 +157,11 @@ def train_and_evaluate(name: str, row: Row, out: Path, fold: str, train_args: li
     truth_args = _without(eval_args, "--imagery")
     diag = {}
     for key, thr_args in (("any", ["--score-thresh", "0"]), ("oracle", [])):
-        folder = out / f"report-{key}"
-        if redo or not (folder / "report.json").exists():
-            geonet("evaluate", *map(str, detections), *truth_args, "--iou", "0.4", *thr_args, "-o", str(folder),
+        diag_dir = folder / f"report-{key}"
+        if redo or not (diag_dir / "report.json").exists():
+            geonet("evaluate", *map(str, detections), *truth_args, "--iou", "0.4", *thr_args, "-o", str(diag_dir),
                    "--overwrite", log=log)
-        diag[key] = json.loads((folder / "report.json").read_text())["operating_point"]
+        diag[key] = json.loads((diag_dir / "report.json").read_text())["operating_point"]
     return {"name": name, "stacked": stacked, "P": op["precision"], "R": op["recall"], "F1": op["f1"],
             "AP50": rep["metrics"]["AP50"],
             "AP": rep["metrics"]["AP"], "thr": thr, "n_truth": rep["n_truth"], "train_s": s["seconds"],

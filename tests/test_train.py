@@ -423,7 +423,6 @@ def test_val_area_is_the_ground_of_the_val_split(scenes):
 def test_fitted_anchors_cover_rotated_boxes():
     """Tall boxes (h/w 3-4.5) turn wide under the 90-degree rotations: the fitted ratios must cover both."""
     from geonet.anchors import anchor_coverage
-    from geonet.model import ModelConfig
     from geonet.training.data import TrainData
     from geonet.training.run import model_config_for
 
