@@ -27,7 +27,8 @@ would give). Both come from ``geonet evaluate`` on the fold's detections.
 
 Output: one Markdown table per protocol on stdout and in ``--out``/``quality.md``, plus every run
 folder and report (``--out``, default ``bench/out/quality``). A run folder that already holds
-``best.pt`` and a report is reused (``--fresh`` retrains), so an interrupted bench resumes.
+``best.pt`` and a report is reused (``--fresh`` retrains), so an interrupted bench resumes; a report older than its
+``best.pt`` is redone. A detection row's ``train s`` and ``epochs`` are those of the runs it reuses.
 """
 
 from __future__ import annotations
@@ -137,7 +138,11 @@ def train_and_evaluate(name: str, row: Row, out: Path, fold: str, train_args: li
     log = folder / "log.txt"
     summary = run / "summary.json"
     t_train = None
-    if (fresh and row.train_recipe == row.name) or not summary.exists():
+    if row.train_recipe != row.name:  # a detection row: never trains (or retrains) another row's runs
+        if not summary.exists():
+            raise SystemExit(f"{row.name} detects with {row.train_recipe}'s runs, and {run} has none: run "
+                             f"--recipes {row.train_recipe} first (or list it before {row.name}).")
+    elif fresh or not summary.exists():
         t_train = geonet("train", *train_args, "-o", str(run), "--overwrite", "--no-progress",
                          *shlex.split(row.train_flags), log=log)
     thr = operating_score(run / "best.pt")
@@ -286,7 +291,8 @@ def main(argv=None) -> None:
     ap.add_argument("--protocols", default="loso,indomain,kampala,atlanta")
     ap.add_argument("--folds", default=",".join(SITES), help="held-out sites of the loso protocol")
     ap.add_argument("--out", default=str(HERE / "out" / "quality"))
-    ap.add_argument("--fresh", action="store_true", help="retrain even where a finished run exists")
+    ap.add_argument("--fresh", action="store_true",
+                    help="retrain even where a finished run exists (detection rows: detect again, never retrain)")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     if args.list:
@@ -303,14 +309,16 @@ def main(argv=None) -> None:
     md = []
     for proto in args.protocols.split(","):
         results = {}
-        for recipe in args.recipes.split(","):
+        names = args.recipes.split(",")
+        # rows that train first: a detection row then detects with this run's (possibly retrained) models
+        for recipe in sorted(names, key=lambda n: n in DETECT_ROWS):
             row = Row.named(recipe)
             if proto == "loso":
                 results[recipe] = loso(row, out, args.fresh, folds=args.folds.split(","))
             else:
                 results[recipe] = PROTOCOLS[proto](row, out, args.fresh)
             print(table(proto, {recipe: results[recipe]}), flush=True)
-        md.append(table(proto, results))
+        md.append(table(proto, {n: results[n] for n in names}))
     text = "\n".join(md)
     print(text)
     (out / "quality.md").write_text(text)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 import click
-from geonet.cli.options import bands_opt, given, json_opt, progress_opt, shared
+from geonet.cli.options import bands_opt, given, json_opt, progress_opt, shared, tta_opt
 
 from geonet.detect import ENGINES, DetectConfig
 from geonet.detect import detect as run_detection
@@ -48,7 +48,7 @@ D = DetectConfig(model="")
               help="Decimals of GeoJSON coordinates (7 = ~1 cm).")
 @click.option("--preview", default=None, metavar="PNG",
               help="Draw detections on a downsampled scene (one scene: this path; several: one PNG per output).")
-@click.option("--tta", is_flag=True, default=None, help="Test-time flips: 4 views per tile (4x the compute).")
+@shared(tta_opt)
 @click.option("--resume", is_flag=True, default=None, help="Skip scenes whose output already exists.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace existing outputs.")
 @click.option("--asset", default=None, metavar="NAME",

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import click
-from geonet.cli.options import given, json_opt, parse_area_bins, progress_opt, shared
+from geonet.cli.options import given, json_opt, parse_area_bins, progress_opt, shared, tta_opt
 
 from geonet.errors import InputError
 from geonet.evaluate import ClassMismatch, EvalConfig, evaluate_files, evaluate_model, parse_class_map
@@ -35,7 +35,7 @@ D = EvalConfig()
               help="Upper bounds in square metres of the small and medium size bins.")
 @click.option("--model", default=None, metavar="CKPT", help="Detect first with this checkpoint on --imagery.")
 @click.option("--imagery", multiple=True, metavar="DIR|FILE|GLOB", help="Scenes to detect on (with --model).")
-@click.option("--tta", is_flag=True, help="Detect with test-time flips, as `geonet detect --tta` (with --model).")
+@shared(tta_opt)
 @click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
 @shared(progress_opt, json_opt)
 def evaluate(predictions, truth, output, model, imagery, tta, overwrite, class_map, area_bins, progress, as_json, **options):
@@ -50,11 +50,12 @@ def evaluate(predictions, truth, output, model, imagery, tta, overwrite, class_m
             if not imagery:
                 raise InputError("--model needs --imagery (the scenes to detect on).", fix="add --imagery SCENES.")
             rep = evaluate_model(model, imagery, truth, cfg, output, overwrite=overwrite, show_progress=progress,
-                                 tta=tta)
+                                 tta=bool(tta))
         else:
-            if tta:
-                raise InputError("--tta detects with --model; PREDICTIONS are already detected.",
-                                 fix="pass --model CKPT --imagery SCENES, or drop --tta.")
+            for given_opt, name in ((tta, "--tta"), (imagery, "--imagery")):
+                if given_opt:
+                    raise InputError(f"{name} is for detecting with --model, and no --model was given.",
+                                     fix=f"pass --model CKPT --imagery SCENES, or drop {name}.")
             rep = evaluate_files(predictions, truth, cfg, output, overwrite=overwrite)
     except ClassMismatch as exc:
         click.echo("class names of predictions and truth:\n" + exc.table, err=True)

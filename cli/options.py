@@ -113,6 +113,9 @@ overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace an exist
 seed_opt = click.option("--seed", type=int, default=None, show_default="0", help="Random seed.")
 progress_opt = click.option("--progress/--no-progress", default=None,
                             help="Show a progress bar [default: when stderr is a terminal].")
+tta_opt = click.option("--tta", is_flag=True, default=None,
+                       help="Test-time flips: 4 views per tile (4x the compute); their boxes are merged at IoU 0.3 or "
+                            "the checkpoint's NMS IoU, the smaller (at --nms-iou where given).")
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout.")
 
 

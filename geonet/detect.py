@@ -347,7 +347,8 @@ def write_scene(path: str | os.PathLike[str], det: Detector, plan: ScenePlan, cf
         "scene_gsd_m": info.gsd_mean, "train_gsd_m": det.header.gsd, "resample_scale": plan.scale,
         "tile_px": grid.tile, "overlap_px": plan.overlap, "score_thresh": float(det.model.score_thresh),
         "score_thresh_source": det.score_source,
-        "model_nms_iou": det.nms_iou, "merge_iou": merge_iou, "tta": det.tta, "device": device,
+        "model_nms_iou": det.nms_iou, "merge_iou": merge_iou, "tta": det.tta,
+        "tta_nms_iou": det.tta_nms_iou, "device": device,
         "precision": precision, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     scene_name = Path(path).name

@@ -19,10 +19,11 @@ from geonet.model import fold_batch_norm
 
 __all__ = ["Detector", "TTA_MERGE_IOU"]
 
-#: Largest IoU at which the flipped views' boxes are merged (:meth:`Detector._flip_tta`): two same-class boxes
-#: overlapping by more are near-duplicates on the map. On the NEON leave-one-site-out folds, merging the views at
-#: the validation-chosen NMS IoU (0.3-0.4) left 78 such pairs at the operating point; at 0.3, none, and F1 0.338
-#: instead of 0.334.
+#: NMS IoU of the four flipped views' boxes together (:meth:`Detector._flip_tta`), unless ``nms_iou`` is given: the
+#: model's validation-chosen NMS IoU if smaller, else this. Measured on the NEON leave-one-site-out folds (light
+#: augmentation; same-class pairs at IoU > 0.3 at the operating point, mean F1): without flips 16 pairs, F1 0.259;
+#: flips merged at the model's IoU (0.3-0.4) 78 pairs, F1 0.334; at 0.3 between views only, the model's IoU within
+#: a view, 39 pairs, F1 0.333; one NMS at 0.3, 0 pairs, F1 0.338.
 TTA_MERGE_IOU = 0.3
 
 
@@ -38,7 +39,8 @@ class Detector:
             score that maximised F1 at IoU 0.5 on the validation set of the saved epoch), else the
             model's own threshold (0.05). ``score_source`` says which.
         nms_iou: IoU of the NMS inside a tile and across tile seams. Default: the one chosen with the
-            operating point on the validation set, else the model's (0.5).
+            operating point on the validation set, else the model's (0.5). With ``tta``, the views' boxes are
+            merged at the given ``nms_iou``, else at that default or :data:`TTA_MERGE_IOU`, the smaller.
         tta: test-time flips (4 views per tile: 4x the compute; :meth:`_flip_tta`). On the NEON
             leave-one-site-out folds (light augmentation) they raised mean recall at the operating point from
             0.190 to 0.310 and F1 from 0.259 to 0.338.
@@ -48,6 +50,7 @@ class Detector:
         model: the :class:`geonet.model.GeoRetinaNet`, in eval mode on ``device``, its batch norms folded
             into the convolutions (:func:`geonet.model.fold_batch_norm`; for inference, not for training).
         nms_iou: the NMS IoU in use (also the merge's default).
+        tta_nms_iou: the IoU at which the flipped views are merged (``None`` without ``tta``).
 
     Raises:
         InputError: a bad checkpoint, or ``cuda`` without a CUDA device.
@@ -74,6 +77,12 @@ class Detector:
         elif op is not None and op.nms_iou is not None:
             model.nms_thresh = op.nms_iou
         self.nms_iou = float(model.nms_thresh)
+        if not tta:
+            self.tta_nms_iou = None
+        elif nms_iou is not None:
+            self.tta_nms_iou = self.nms_iou  # the user's choice
+        else:
+            self.tta_nms_iou = min(self.nms_iou, TTA_MERGE_IOU)
         self.model = model.to(self.device).eval()
         # Measured on the 2-core CPU (512 px tiles, batch 2, forward only), ResNet-18 / MobileNetV2 FPN:
         # channels-last 1.22x / 1.35x in bf16 and 1.22x / 1.25x in fp32; folding the frozen norms another
@@ -102,8 +111,8 @@ class Detector:
 
     def _flip_tta(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Test-time flips: the batch as is, flipped left-right, top-bottom and both; the boxes flipped back,
-        then one class-aware NMS per tile over the four views' boxes, at the model's NMS IoU or
-        :data:`TTA_MERGE_IOU`, the smaller (the best-scoring view of each object)."""
+        then one class-aware NMS per tile over the four views' boxes at ``tta_nms_iou`` (the best-scoring view of
+        each object)."""
         h, w = x.shape[-2:]
         m = self.model
         views = {(): x, (-1,): x.flip(-1), (-2,): x.flip(-2), (-1, -2): x.flip(-1).flip(-2)}
@@ -116,12 +125,11 @@ class Detector:
                 if -2 in dims:
                     b[:, [1, 3]] = h - o["boxes"][:, [3, 1]]
                 per_tile[i].append({**o, "boxes": b})
-        iou = min(float(m.nms_thresh), TTA_MERGE_IOU)
         out = []
         for views_i in per_tile:
             b = torch.cat([o["boxes"] for o in views_i])
             s = torch.cat([o["scores"] for o in views_i])
             lab = torch.cat([o["labels"] for o in views_i])
-            keep = batched_nms(b, s, lab, iou)[: m.detections_per_img]
+            keep = batched_nms(b, s, lab, self.tta_nms_iou)[: m.detections_per_img]
             out.append({"boxes": b[keep], "scores": s[keep], "labels": lab[keep]})
         return out

@@ -157,7 +157,8 @@ def detect_ray(scenes: Sequence[str], output: str | os.PathLike[str], cfg: Detec
     _check_config(cfg)
     # on the driver, on the CPU: a bad model fails here in one line (not in every actor); the report's
     # settings; the plans of the scenes; the merge and the writer of scenes split into bands
-    driver = Detector(cfg.model, device="cpu", precision="32", score_thresh=cfg.score_thresh, nms_iou=cfg.nms_iou)
+    driver = Detector(cfg.model, device="cpu", precision="32", score_thresh=cfg.score_thresh, nms_iou=cfg.nms_iou,
+                      tta=cfg.tta)
     paths, outs = resolve_outputs(scenes, output, cfg.format, asset=cfg.asset)
     todo, done_before = scenes_to_do(outs, cfg)
     started = False

@@ -400,11 +400,12 @@ def test_tta_flips_boxes_back(tmp_path):
 
 
 def test_tta_views_of_one_object_leave_one_box(tmp_path):
-    """Flipped views put one object's box a few pixels apart: merged at IoU <= TTA_MERGE_IOU, not at the model's
-    NMS IoU (0.5 here), so the map shows one box, not a stack (two boxes at IoU 0.36 before)."""
+    """Flipped views put one object's box a few pixels apart (IoU 0.36): by default they are merged at IoU
+    TTA_MERGE_IOU, not at the checkpoint's NMS IoU (0.5 here), so the map shows one box, not a stack; an NMS IoU
+    the user gives is used as given."""
     from geonet.detector import TTA_MERGE_IOU
 
-    det = Detector(make_ckpt(tmp_path / "m.pt"), tta=True, nms_iou=0.5)
+    ck = make_ckpt(tmp_path / "m.pt", metrics={"operating_point": {"iou": 0.5, "score_thresh": 0.3, "nms_iou": 0.5}})
 
     def shifted_box(x, autocast=None):  # the object's box, 7 px right in the view's own frame
         out = []
@@ -414,12 +415,16 @@ def test_tta_views_of_one_object_leave_one_box(tmp_path):
             out.append({"boxes": b, "scores": torch.tensor([0.9]), "labels": torch.tensor([1])})
         return out
 
-    det.model.predict_batch = shifted_box
     x = torch.zeros(1, 1, 64, 96, dtype=torch.int64)
     x[0, 0, 5:20, 60:90] = 1000
-    out = det(x)[0]
-    assert TTA_MERGE_IOU < 0.36 and len(out["boxes"]) == 1
-    assert det.nms_iou == 0.5  # the in-tile NMS and the seam merge keep the model's IoU
+    det = Detector(ck, tta=True)
+    det.model.predict_batch = shifted_box
+    assert det.nms_iou == 0.5 and det.tta_nms_iou == TTA_MERGE_IOU < 0.36
+    assert len(det(x)[0]["boxes"]) == 1
+    det = Detector(ck, tta=True, nms_iou=0.5)
+    det.model.predict_batch = shifted_box
+    assert det.tta_nms_iou == 0.5 and len(det(x)[0]["boxes"]) == 2
+    assert Detector(ck).tta_nms_iou is None
 
 
 def test_json_summary_and_no_progress_frames_in_logs(tmp_path):

@@ -254,11 +254,15 @@ def test_cli_detect_then_evaluate(tmp_path):
     res = CliRunner().invoke(cli, ["evaluate", "--model", str(ck), "--imagery", str(s), "--truth",
                                    str(tmp_path / "t.gpkg"), "-o", str(tmp_path / "rep-tta"), "--tta"])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "rep-tta-detections" / "scene.geojson").read_text())["geonet"]["tta"] is True
+    meta = json.loads((tmp_path / "rep-tta-detections" / "scene.geojson").read_text())["geonet"]
+    assert meta["tta"] is True and meta["tta_nms_iou"] <= 0.3
     # without --model there is nothing to detect: a usage error naming the fix
     res = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "rep-tta-detections" / "scene.geojson"), "--truth",
                                    str(tmp_path / "t.gpkg"), "-o", str(tmp_path / "rep2"), "--tta"])
     assert res.exit_code == 2 and "--tta" in res.output and "Traceback" not in res.output, res.output
+    res = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "rep-tta-detections" / "scene.geojson"), "--truth",
+                                   str(tmp_path / "t.gpkg"), "-o", str(tmp_path / "rep2"), "--imagery", str(s)])
+    assert res.exit_code == 2 and "--imagery" in res.output and not (tmp_path / "rep2").exists(), res.output
 
 
 def test_sites_in_several_utm_zones(tmp_path):
