@@ -104,6 +104,11 @@ class Row:
             raise SystemExit(f"unknown recipe {name!r}; see --list")
         return cls(name, name, RECIPES[name])
 
+    @property
+    def trains(self) -> bool:
+        """Whether this row trains its own runs (a detection row reuses ``train_recipe``'s)."""
+        return self.train_recipe == self.name
+
     def folders(self, out: Path, fold: str) -> tuple[Path, Path]:
         """The training run folder and this row's report folder of one fold (``loso_SJER``, ``indomain``...)."""
         return out / self.train_recipe / fold / "run", out / self.name / fold
@@ -138,7 +143,7 @@ def train_and_evaluate(name: str, row: Row, out: Path, fold: str, train_args: li
     log = folder / "log.txt"
     summary = run / "summary.json"
     t_train = None
-    if row.train_recipe != row.name:  # a detection row: never trains (or retrains) another row's runs
+    if not row.trains:  # a detection row: never trains (or retrains) another row's runs
         if not summary.exists():
             raise SystemExit(f"{row.name} detects with {row.train_recipe}'s runs, and {run} has none: run "
                              f"--recipes {row.train_recipe} first (or list it before {row.name}).")
@@ -309,16 +314,15 @@ def main(argv=None) -> None:
     md = []
     for proto in args.protocols.split(","):
         results = {}
-        names = args.recipes.split(",")
+        rows = [Row.named(n) for n in args.recipes.split(",")]
         # rows that train first: a detection row then detects with this run's (possibly retrained) models
-        for recipe in sorted(names, key=lambda n: n in DETECT_ROWS):
-            row = Row.named(recipe)
+        for row in sorted(rows, key=lambda r: not r.trains):
             if proto == "loso":
-                results[recipe] = loso(row, out, args.fresh, folds=args.folds.split(","))
+                results[row.name] = loso(row, out, args.fresh, folds=args.folds.split(","))
             else:
-                results[recipe] = PROTOCOLS[proto](row, out, args.fresh)
-            print(table(proto, {recipe: results[recipe]}), flush=True)
-        md.append(table(proto, {n: results[n] for n in names}))
+                results[row.name] = PROTOCOLS[proto](row, out, args.fresh)
+            print(table(proto, {row.name: results[row.name]}), flush=True)
+        md.append(table(proto, {r.name: results[r.name] for r in rows}))
     text = "\n".join(md)
     print(text)
     (out / "quality.md").write_text(text)

@@ -38,7 +38,8 @@ D = EvalConfig()
 @shared(tta_opt)
 @click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
 @shared(progress_opt, json_opt)
-def evaluate(predictions, truth, output, model, imagery, tta, overwrite, class_map, area_bins, progress, as_json, **options):
+def evaluate(predictions, truth, output, model, imagery, tta, overwrite, class_map, area_bins, progress, as_json,
+             **options):
     """Score PREDICTIONS (geonet outputs or any vector file with scores) against --truth."""
     cfg = EvalConfig(**given({**options, "area_bins": parse_area_bins(area_bins),
                               "class_map": parse_class_map(class_map)}))

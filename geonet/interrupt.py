@@ -3,8 +3,8 @@
 Python raises ``KeyboardInterrupt`` wherever the main thread is when SIGINT arrives. Raised inside a finaliser or
 a weakref callback it is printed and swallowed, and the work carries on (training saw this once in CI). The
 command line's SIGINT handler calls :func:`request` before it raises; detection calls :func:`check` at every batch
-(:mod:`geonet.pipeline`), which raises ``KeyboardInterrupt`` there if the first one was lost. Training has its own deferred handler
-(:class:`geonet.training.callbacks.DeferredInterrupt`).
+(:mod:`geonet.pipeline`), which raises ``KeyboardInterrupt`` there if the first one was lost. Training has its own
+deferred handler (:class:`geonet.training.callbacks.DeferredInterrupt`).
 """
 
 from __future__ import annotations
