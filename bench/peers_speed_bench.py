@@ -126,7 +126,8 @@ def main(argv=None) -> None:
     ap.add_argument("--peers", default="sahi,deepforest", help="peers to run (empty: geonet only)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp())
+    scratch = tempfile.TemporaryDirectory(prefix="geonet-bench-")  # removed when the bench exits
+    tmp = Path(scratch.name)
     scene = synthetic_scene(tmp / "scene.tif", args.size, args.size)
     ck = _heavy(tmp / "model.pt")
     import rasterio
