@@ -160,7 +160,7 @@ def part2(overlap: int, score: float, cache: Path | None = None) -> list[dict]:
     from geonet.detect import DetectConfig, Detector, detect_scene
     from geonet.georef import geometries_to_pixel
 
-    scratch = tempfile.TemporaryDirectory(prefix="geonet-bench-")  # removed when the bench exits
+    scratch = tempfile.TemporaryDirectory(prefix="geonet-bench-")  # removed when part2 returns
     tmp = Path(scratch.name)
     ck = train_model(tmp, cache)
     scene, objects = seam_scene(tmp, overlap)
