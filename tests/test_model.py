@@ -250,6 +250,9 @@ def test_folded_batch_norm_gives_the_same_detections(backbone, frozen):
                 mod.running_var.uniform_(0.5, 2.0)
                 mod.weight.uniform_(0.5, 1.5)
                 mod.bias.uniform_(-0.2, 0.2)
+        # a random head scores every anchor near the prior (0.01, MobileNetV2's within 1e-7): spread the scores,
+        # so that the kept boxes and their order are decided by the model, not by rounding among ties
+        m.head.classification_head.cls_logits.weight.normal_(0.0, 0.05)
     n_norms = sum(isinstance(mod, norms) for mod in m.modules())
     folded = copy.deepcopy(m)
     assert fold_batch_norm(folded) == n_norms > 0
@@ -262,11 +265,16 @@ def test_folded_batch_norm_gives_the_same_detections(backbone, frozen):
         assert torch.allclose(ha[k], hb[k], rtol=1e-4, atol=1e-4), k
     for a, b in zip(m.predict_batch(x), folded.predict_batch(x)):
         assert len(a["boxes"]) == len(b["boxes"]) == 50
-        # a random model ties many scores, so rows may swap: match each box to its nearest in the other set
-        d = (a["boxes"][:, None, :] - b["boxes"][None, :, :]).abs().amax(-1)  # [50, 50] px
+        # A random model ties many scores, so rows may swap, and at the 50-box cap a 1e-6 difference of the raw
+        # outputs can swap which of two tied boxes is kept (seen on an AVX2 CPU: 3 of 50 boxes). Every box
+        # scoring clearly above the cap's lowest score must be in the other set, at its nearest box.
+        sure = a["scores"] > a["scores"].min() + 1e-4
+        assert int(sure.sum()) >= 20  # the comparison is not vacuous
+        d = (a["boxes"][sure][:, None, :] - b["boxes"][None, :, :]).abs().amax(-1)  # [S, 50] px
         j = d.argmin(1)
-        assert d.min(1).values.max() < 1e-3 and len(set(j.tolist())) == 50
-        assert torch.allclose(a["scores"], b["scores"][j], atol=1e-5) and torch.equal(a["labels"], b["labels"][j])
+        assert d.min(1).values.max() < 1e-3 and len(set(j.tolist())) == int(sure.sum())
+        assert torch.allclose(a["scores"][sure], b["scores"][j], atol=1e-5)
+        assert torch.equal(a["labels"][sure], b["labels"][j])
 
 
 @pytest.mark.parametrize("cap", [1, 5, 50])
