@@ -63,17 +63,18 @@ def features(path):
 
 
 def assert_same(a_dir, b_dir, names):
-    """The same boxes (1e-7 degrees: ~1 cm), scores and labels, in any order.
+    """The same boxes (within one step of the GeoJSON's 7-decimal rounding: 1e-7 degrees, ~1 cm), scores and
+    labels, in any order.
 
     Each box is matched to its nearest in the other file: sorting both by coordinates is not enough, since a
     Ray actor runs torch on its own thread count, and on an AVX2 CPU that moved coordinates by ~1e-9 degrees,
-    which swapped two boxes with nearly equal sort keys."""
+    which swapped two boxes with nearly equal sort keys, and moved one rounded coordinate by one 1e-7 step."""
     for n in names:
         (ba, sa, la), (bb, sb, lb) = features(a_dir / n), features(b_dir / n)
         assert len(sa) == len(sb), n
         d = np.abs(ba[:, None, :] - bb[None, :, :]).max(-1)  # [N, N] degrees
         j = d.argmin(1)
-        assert d.min(1).max() < 1e-7 and len(set(j.tolist())) == len(j), n
+        assert d.min(1).max() < 1.5e-7 and len(set(j.tolist())) == len(j), n
         np.testing.assert_allclose(sa, sb[j], atol=1e-5)
         assert (la == lb[j]).all()
 
