@@ -112,8 +112,9 @@ def mosaic_vrt(tile_path: Path, out: Path, size: int) -> Path:
 
 
 def random_checkpoint(path: Path, *, backbone: str = "resnet18", chip: int = 512, score_thresh: float = 0.05,
-                      classes=("object",)) -> Path:
-    """A geonet checkpoint with randomly initialised weights (speed does not depend on the weights)."""
+                      classes=("object",), fpn_channels: int | None = None) -> Path:
+    """A geonet checkpoint with randomly initialised weights (speed does not depend on the weights);
+    ``fpn_channels`` ``None``: geonet's default width."""
     import torch
 
     from geonet.checkpoint import CheckpointHeader, save_checkpoint
@@ -121,7 +122,7 @@ def random_checkpoint(path: Path, *, backbone: str = "resnet18", chip: int = 512
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=backbone, num_classes=len(classes), mean=[60.0] * 3, std=[30.0] * 3,
-                      score_thresh=score_thresh)
+                      score_thresh=score_thresh, fpn_channels=fpn_channels)
     model = build_model(cfg)
     stats = [12, 14, 25, 38, 40]
     save_checkpoint(path, model, CheckpointHeader(

@@ -43,11 +43,11 @@ from geonet.detect import (DetectConfig, Detector, TileReader, detect_scene, fil
                            tile_batches)
 
 
-def heavy_checkpoint(path: Path, backbone: str) -> Path:
+def heavy_checkpoint(path: Path, backbone: str, fpn_channels: int | None = None) -> Path:
     """A random checkpoint that keeps 50 boxes per tile at any score (post-processing at full load)."""
     from geonet.checkpoint import load_checkpoint, save_checkpoint
 
-    random_checkpoint(path, backbone=backbone, score_thresh=0.0)
+    random_checkpoint(path, backbone=backbone, score_thresh=0.0, fpn_channels=fpn_channels)
     model, header = load_checkpoint(path)
     header.model_config.detections_per_img = 50
     model.detections_per_img = 50
@@ -71,7 +71,7 @@ class NullDetector(Detector):
 
 def throughput(args, tmp: Path) -> dict:
     scene = synthetic_scene(tmp / "scene.tif", args.size, args.size)
-    ck = heavy_checkpoint(tmp / "model.pt", args.backbone)
+    ck = heavy_checkpoint(tmp / "model.pt", args.backbone, args.fpn_channels)
     det = Detector(ck, precision=args.amp)
     cfg = DetectConfig(model=str(ck), batch_size=args.batch_size, workers=args.workers, amp=args.amp, tile=args.tile)
     plan = plan_scene(scene, det, cfg)
@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--tile", type=int, default=None, help="detection tile side [default: geonet's]")
     ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--fpn-channels", type=int, default=None, help="FPN and subnet width [default: geonet's]")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--amp", default="auto")

@@ -58,6 +58,7 @@ def make_data(tmp: Path, n_scenes: int, size: int) -> tuple[list[str], str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--fpn-channels", type=int, default=None, help="FPN and subnet width [default: geonet's]")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--amp", default="auto")
     ap.add_argument("--workers", type=int, default=None)
@@ -76,7 +77,8 @@ def main() -> None:
     cfg = TrainConfig.from_options(dict(output=str(tmp / "run"), imagery=rasters, labels=labels, size=512,
                                         backbone=args.backbone, batch_size=args.batch_size, amp=args.amp, weights=args.weights,
                                         workers=args.workers, val_fraction=0.0, epochs=1,
-                                        limit_train_batches=args.steps, negative_ratio=0.0))
+                                        limit_train_batches=args.steps, negative_ratio=0.0,
+                                        **({} if args.fpn_channels is None else {"fpn_channels": args.fpn_channels})))
     cuda = torch.cuda.is_available()
     workers = cfg.workers if cfg.workers is not None else (min(8, torch.get_num_threads()) if cuda else 0)
     # 1) the loader alone, with the augmentations training uses
@@ -98,7 +100,7 @@ def main() -> None:
     # 2) training steps through geonet.training.train (Lightning), same data path
     res = train(cfg, progress=False)
     out = {"device": device_line(), "backbone": args.backbone, "batch_size": args.batch_size, "precision": res.precision,
-           "workers": workers, "loader_images_per_s": loader_ips, "train_images_per_s": res.images_per_second,
+           "fpn_channels": args.fpn_channels, "workers": workers, "loader_images_per_s": loader_ips, "train_images_per_s": res.images_per_second,
            "data_wait_fraction": res.data_wait_fraction, "steps": args.steps, "chip": 512,
            "loader_over_train": loader_ips / max(res.images_per_second, 1e-9)}
     print(f"{out['device']}; {args.backbone}, {res.precision}, batch {args.batch_size}, workers {workers}, 512 px")

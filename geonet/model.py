@@ -101,6 +101,15 @@ class ModelConfig:
             weights, 5 from scratch (resolved by :func:`build_model`).
         frozen_bn: use frozen batch norm in the backbone; ``None``: with pretrained weights only
             (resolved by :func:`build_model`).
+        fpn_channels: channels of the FPN levels P3-P7 and of the subnets' convs (the paper's 256). The
+            subnets' four 3x3 convs at every level cost ``fpn_channels ** 2`` each: at 256 they were 85 % of a
+            MobileNetV2-FPN RetinaNet's multiply-adds. ``None``: 256 with ``--weights coco`` (the COCO head
+            has 256), else :data:`FPN_CHANNELS` (resolved by :func:`build_model`).
+        normalize: ``"dataset"``: every image is normalised with ``mean`` and ``std`` (the training data's);
+            ``"image"``: each image (training window, detection tile) with its own per-band mean and standard
+            deviation, so a per-band gain and offset of a whole image (another sensor, site, season or
+            white balance) changes nothing (:class:`GeoTransform`). Nodata pixels hold the training means
+            and count in the image's statistics.
     """
 
     backbone: str = "mobilenet_v2"
@@ -122,6 +131,8 @@ class ModelConfig:
     p6_from: str = "c5"
     trainable_layers: int | None = None
     frozen_bn: bool | None = None
+    fpn_channels: int | None = None
+    normalize: str = "dataset"
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
@@ -143,6 +154,11 @@ class ModelConfig:
                              f"{self.in_channels}.")
         if self.num_classes < 1:
             raise InputError("the model needs at least one class.")
+        if self.normalize not in NORMALIZE_CHOICES:
+            raise InputError(f"--normalize {self.normalize!r}: choose {' or '.join(NORMALIZE_CHOICES)}.")
+        if self.fpn_channels is not None and not 8 <= self.fpn_channels <= 1024:
+            raise InputError(f"--fpn-channels must be between 8 and 1024, got {self.fpn_channels}.",
+                             fix=f"e.g. --fpn-channels {FPN_CHANNELS}, or 256 as in the paper.")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -159,6 +175,7 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> ModelConfig:
         known = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in d.items() if k in known}
+        kw.setdefault("fpn_channels", 256)  # configs written before the option existed had 256
         for k in ("anchor_sizes", "anchor_scales", "anchor_ratios"):
             if k in kw:
                 kw[k] = tuple(float(v) for v in kw[k])
@@ -183,6 +200,12 @@ BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet_v3_large": BackboneSpec("mobilenet", torchvision.models.mobilenet_v3_large,
                                        "MobileNet_V3_Large_Weights.IMAGENET1K_V1"),
 }
+
+#: ``ModelConfig.normalize`` values.
+NORMALIZE_CHOICES = ("dataset", "image")
+
+#: Default FPN and subnet width without COCO weights (:attr:`ModelConfig.fpn_channels`).
+FPN_CHANNELS = 256
 
 #: torchvision's COCO-trained RetinaNet (ResNet-50-FPN, v1 head, P6 from P5).
 COCO_WEIGHTS = "RetinaNet_ResNet50_FPN_Weights.COCO_V1"
@@ -289,9 +312,23 @@ class GeoTransform(GeneralizedRCNNTransform):
     normalisation and padding.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], *, per_image: bool = False):
         super().__init__(min_size=1, max_size=1, image_mean=list(mean), image_std=list(std), size_divisible=32)
         self.channels_last = False
+        self.per_image = per_image
+
+    def normalize(self, image: Tensor) -> Tensor:
+        """``[C, H, W]`` or ``[B, C, H, W]`` float raw values -> normalised, same shape.
+
+        With ``per_image``, each image's own per-band mean and standard deviation replace the stored ones; the
+        standard deviation is floored at 5 % of the stored one, so a flat image (water, a roof) is not blown up.
+        """
+        if not self.per_image:
+            return super().normalize(image)
+        floor = 0.05 * torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)[:, None, None]
+        mean = image.mean(dim=(-2, -1), keepdim=True)  # [..., C, 1, 1]
+        std = image.std(dim=(-2, -1), keepdim=True)
+        return (image - mean) / torch.maximum(std, floor)
 
     def resize(self, image, target=None):
         return image, target
@@ -459,7 +496,7 @@ class GeoRetinaNet(RetinaNet):
         h, w = batch.shape[-2:]
         x = self.transform.batch(batch)  # [B, C, H', W'] normalised, padded
         with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            features = list(self.backbone(x).values())  # P3..P7 (or P2..P7), each [B, 256, h_l, w_l]
+            features = list(self.backbone(x).values())  # P3..P7 (or P2..P7), each [B, fpn_channels, h_l, w_l]
             head = self.head(features)  # cls_logits [B, HWA, K], bbox_regression [B, HWA, 4]
         images = ImageList(x, [(h, w)] * x.shape[0])
         anchors = self.anchor_generator(images, features)  # B x [HWA, 4], fp32
@@ -629,8 +666,8 @@ def _body(cfg: ModelConfig, weights: str, option: str = "--weights") -> tuple[nn
     return body, pretrained
 
 
-def _mobilenet_fpn(body: nn.Module, trainable_layers: int, extra_from_c5: bool, *, p2: bool = False
-                   ) -> BackboneWithFPN:
+def _mobilenet_fpn(body: nn.Module, trainable_layers: int, extra_from_c5: bool, *, p2: bool = False,
+                   channels_out: int = 256) -> BackboneWithFPN:
     """MobileNet + FPN with outputs at strides 8, 16, 32 (C3, C4, C5; with ``p2`` also 4, C2), then P6, P7.
 
     torchvision's own mobilenet FPN returns two stride-32 maps (for SSDlite / Faster R-CNN); RetinaNet
@@ -648,8 +685,8 @@ def _mobilenet_fpn(body: nn.Module, trainable_layers: int, extra_from_c5: bool, 
             for p in b.parameters():
                 p.requires_grad_(False)
     channels = [features[i].out_channels for i in levels]
-    extra = FP32LastLevelP6P7(channels[-1] if extra_from_c5 else 256, 256)
-    return BackboneWithFPN(features, {str(c): str(k) for k, c in enumerate(levels)}, channels, 256,
+    extra = FP32LastLevelP6P7(channels[-1] if extra_from_c5 else channels_out, channels_out)
+    return BackboneWithFPN(features, {str(c): str(k) for k, c in enumerate(levels)}, channels, channels_out,
                            extra_blocks=extra)
 
 
@@ -666,8 +703,8 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
             with torchvision key names (e.g. ``mobilenet_v2_imagenet.pth``) or a geonet checkpoint (fine-tune).
 
     Returns:
-        A :class:`GeoRetinaNet` in train mode, on the CPU. ``cfg.trainable_layers`` and ``cfg.frozen_bn``
-        are resolved in place when ``None`` (the checkpoint then records what was built).
+        A :class:`GeoRetinaNet` in train mode, on the CPU. ``cfg.trainable_layers``, ``cfg.frozen_bn`` and
+        ``cfg.fpn_channels`` are resolved in place when ``None`` (the checkpoint then records what was built).
 
     Raises:
         InputError: bad config, weights that do not fit the backbone, or weights that cannot be
@@ -689,6 +726,12 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
             raise InputError(f"--weights coco exists for --backbone resnet50 only (got {cfg.backbone}).",
                              fix="use --backbone resnet50, or --weights imagenet.")
         cfg.p6_from = "p5"
+        if cfg.fpn_channels not in (None, 256):
+            raise InputError(f"--weights coco has a 256-channel FPN and head; --fpn-channels {cfg.fpn_channels} "
+                             "does not fit it.", fix="drop --fpn-channels, or use --weights imagenet.")
+    if cfg.fpn_channels is None:
+        cfg.fpn_channels = 256 if weights == "coco" else FPN_CHANNELS
+    width = cfg.fpn_channels
     body, pretrained = _body(cfg, weights, option)
     pretrained = pretrained or weights == "coco"
     spec = BACKBONES[cfg.backbone]
@@ -698,23 +741,27 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
         layers = 5  # the adapted first conv must learn (TorchGeo's weights have their own for their bands)
     if spec.family == "resnet":
         c5 = body.fc.in_features
-        extra = FP32LastLevelP6P7(c5 if cfg.p6_from == "c5" else 256, 256)
+        extra = FP32LastLevelP6P7(c5 if cfg.p6_from == "c5" else width, width)
         returned = [1, 2, 3, 4] if p2 else [2, 3, 4]
         backbone = _resnet_fpn_extractor(body, layers, returned_layers=returned, extra_blocks=extra)
+        if width != 256:  # torchvision's extractor fixes 256: the same body and layers, another width
+            backbone = BackboneWithFPN(body, backbone.body.return_layers,
+                                       [c5 // 2 ** (4 - k) for k in returned], width, extra_blocks=extra)
     else:
-        backbone = _mobilenet_fpn(body, layers, cfg.p6_from == "c5", p2=p2)
+        backbone = _mobilenet_fpn(body, layers, cfg.p6_from == "c5", p2=p2, channels_out=width)
     anchors = anchor_generator(cfg)
     num_anchors = anchors.num_anchors_per_location()[0]
-    head_cls = GeoClassificationHead(256, num_anchors, cfg.num_classes, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
-    head = RetinaNetHead(256, num_anchors, cfg.num_classes)
+    head_cls = GeoClassificationHead(width, num_anchors, cfg.num_classes, alpha=cfg.focal_alpha,
+                                     gamma=cfg.focal_gamma)
+    head = RetinaNetHead(width, num_anchors, cfg.num_classes)
     # same layers and initialisation as torchvision's (prior pi = 0.01), batch-normalised losses
     head.classification_head = head_cls
-    head.regression_head = GeoRegressionHead(256, num_anchors)
+    head.regression_head = GeoRegressionHead(width, num_anchors)
     model = GeoRetinaNet(backbone, cfg.num_classes, anchor_generator=anchors, head=head,
                          score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_iou,
                          detections_per_img=cfg.detections_per_img, fg_iou_thresh=cfg.fg_iou,
                          bg_iou_thresh=cfg.bg_iou, topk_candidates=cfg.topk_candidates)
-    model.transform = GeoTransform(cfg.mean, cfg.std)
+    model.transform = GeoTransform(cfg.mean, cfg.std, per_image=cfg.normalize == "image")
     if weights == "coco":
         _load_coco(model, cfg, option)
     elif weights not in ("none", "imagenet", None, "") and Path(weights).exists():

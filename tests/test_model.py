@@ -299,3 +299,74 @@ def test_capped_batched_nms_keeps_each_images_best_like_batched_nms(cap):
     for i in range(n_img):
         want = ref[images[ref] == i][:cap]
         assert torch.equal(got[images[got] == i][:cap], want), i
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_fpn_channels_set_the_width_of_the_pyramid_and_subnets(backbone, tmp_path):
+    """``fpn_channels`` narrows P3-P7 and the subnets; the checkpoint records it and rebuilds the same model."""
+    from geonet.checkpoint import CheckpointHeader, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, in_channels=3, mean=[0.0] * 3, std=[1.0] * 3, fpn_channels=64)
+    m = build_model(cfg).eval()
+    wide = build_model(ModelConfig(backbone=backbone, in_channels=3, mean=[0.0] * 3, std=[1.0] * 3))
+    assert wide.backbone.out_channels == 256  # the default
+    feats = m.backbone(torch.zeros(1, 3, 128, 128))
+    assert m.backbone.out_channels == 64 and all(f.shape[1] == 64 for f in feats.values())
+    assert [tuple(f.shape[-2:]) for f in feats.values()] == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    assert m.head.classification_head.conv[0][0].in_channels == 64
+    assert sum(p.numel() for p in m.head.parameters()) < sum(p.numel() for p in wide.head.parameters()) / 10
+    stats = [5, 8, 20, 35, 40]
+    save_checkpoint(tmp_path / "m.pt", m, CheckpointHeader(
+        model_config=cfg, classes=["thing"], bands=[1, 2, 3], dtype="uint8", gsd=[0.1, 0.1], chip_size=128,
+        box_stats={"width": stats, "height": stats, "side": stats}, metrics={}, epoch=0))
+    m2, header = load_checkpoint(tmp_path / "m.pt")
+    assert header.model_config.fpn_channels == 64
+    x = torch.randint(0, 255, (1, 3, 128, 128), dtype=torch.uint8)
+    with torch.inference_mode():
+        a, b = (mm.head(list(mm.backbone(mm.transform.batch(x)).values())) for mm in (m, m2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fpn_channels_defaults_and_errors():
+    """Configs written before the option had 256; COCO weights need 256; the width is bounded."""
+    assert ModelConfig.from_dict({"backbone": "resnet18"}).fpn_channels == 256
+    assert ModelConfig.from_dict({"backbone": "resnet18", "fpn_channels": None}).fpn_channels is None
+    from geonet.model import FPN_CHANNELS
+
+    cfg = ModelConfig(backbone="mobilenet_v2")
+    build_model(cfg)
+    assert cfg.fpn_channels == FPN_CHANNELS  # resolved in place, so the checkpoint records what was built
+    with pytest.raises(InputError, match="--fpn-channels 128 does not fit") as ei:
+        build_model(ModelConfig(backbone="resnet50", fpn_channels=128), weights="coco")  # raised before downloading
+    assert "\n" not in str(ei.value)
+    with pytest.raises(InputError, match="--fpn-channels must be between 8 and 1024"):
+        build_model(ModelConfig(fpn_channels=4))
+
+
+def test_per_image_normalisation_ignores_a_per_band_gain_and_offset():
+    """``normalize="image"``: each image is standardised with its own band statistics, so a per-band gain and
+    offset of the whole image (another sensor or season) leaves the model's outputs unchanged; ``"dataset"``
+    does not."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 96, 128) * 120 + 40
+    y = x * torch.tensor([0.6, 1.3, 0.9])[:, None, None] + torch.tensor([30.0, -20.0, 5.0])[:, None, None]
+    outs = {}
+    for mode in ("image", "dataset"):
+        cfg = ModelConfig(backbone="resnet18", mean=[100.0] * 3, std=[40.0] * 3, fpn_channels=32, normalize=mode)
+        torch.manual_seed(1)
+        m = build_model(cfg).eval()
+        with torch.inference_mode():
+            outs[mode] = [torch.cat([f.flatten() for f in m.backbone(m.transform.batch(v)).values()]) for v in (x, y)]
+        # training goes through the same normalisation, one [C, H, W] image at a time
+        batch, _ = m.transform([x[0]])
+        assert torch.allclose(batch.tensors[0, :, :96], m.transform.batch(x[:1])[0, :, :96], atol=1e-5)
+    a, b = outs["image"]
+    assert torch.allclose(a, b, atol=1e-4)
+    a, b = outs["dataset"]
+    assert not torch.allclose(a, b, atol=1e-2)
+    z = ModelConfig(backbone="resnet18", normalize="image")
+    assert ModelConfig.from_dict({"backbone": "resnet18"}).normalize == "dataset"  # configs before the option
+    assert ModelConfig.from_dict(z.to_dict()).normalize == "image"
+    with pytest.raises(InputError, match="--normalize 'scene': choose dataset or image"):
+        build_model(ModelConfig(normalize="scene"))

@@ -229,13 +229,17 @@ def test_cli_train_yaml_config_flags_override(scenes):
     assert saved["chip"]["val_fraction"] == 0.25
     assert "best epoch" in res.output
     res = CliRunner().invoke(cli, ["train", "--config", str(conf), "--epochs", "1", "-o", str(tmp / "r"),
-                                   "--overwrite", "--json"])
+                                   "--overwrite", "--json", "--fpn-channels", "32", "--normalize", "image"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output[res.output.index("{"):])
     assert summary["epochs_run"] == 1 and summary["run_dir"].endswith("r") and "\r" not in res.output
+    mc = header(tmp / "r" / "best.pt").model_config  # the model options reach the checkpoint and the loaded model
+    assert mc.fpn_channels == 32 and mc.normalize == "image"
+    model, _ = load_checkpoint(tmp / "r" / "best.pt")
+    assert model.transform.per_image and model.head.classification_head.cls_logits.in_channels == 32
 
 
-@pytest.mark.parametrize("case", ["no-labels", "bad-key", "exists"])
+@pytest.mark.parametrize("case", ["no-labels", "bad-key", "exists", "fpn-channels"])
 def test_cli_train_bad_input(scenes, case):
     tmp, rasters, labels = scenes
     args = ["train", "--imagery", rasters[0], "--labels", labels, "-o", str(tmp / "r"), "--no-progress"]
@@ -249,6 +253,9 @@ def test_cli_train_bad_input(scenes, case):
         conf.write_text("epochz: 3\n")
         args += ["--config", str(conf)]
         needle = "unknown keys ['epochz']"
+    elif case == "fpn-channels":
+        args += ["--fpn-channels", "4"]
+        needle = "--fpn-channels must be between 8 and 1024"
     else:
         (tmp / "r").mkdir()
         (tmp / "r" / "x").write_text("x")
