@@ -27,7 +27,7 @@ from geonet.cli.options import (
 )
 
 from geonet.device import AMP_CHOICES, DEVICE_CHOICES
-from geonet.model import BACKBONES, FPN_CHANNELS, NORMALIZE_CHOICES
+from geonet.model import BACKBONES, FPN_CHANNELS, NORMALIZE, NORMALIZE_CHOICES
 from geonet.training import TrainConfig, resume_config
 from geonet.training import train as run_training
 from geonet.training.config import AUGMENT_CHOICES
@@ -86,7 +86,8 @@ def _csv(values) -> str:
 @click.option("--fpn-channels", type=int, default=None, show_default=str(FPN_CHANNELS),
               help="Width of the FPN and of the subnets' convs (their cost grows with its square); "
                    "--weights coco needs 256.")
-@click.option("--normalize", type=click.Choice(NORMALIZE_CHOICES), default=None, show_default=D.model.normalize,
+@click.option("--normalize", type=click.Choice(NORMALIZE_CHOICES), default=None,
+              show_default=f"{NORMALIZE}; dataset with torchgeo: weights",
               help="dataset: the training data's band statistics for every image; image: each window and tile "
                    "with its own (robust to a scene-wide gain or offset per band).")
 @click.option("--trainable-layers", type=int, default=None,

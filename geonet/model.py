@@ -109,7 +109,8 @@ class ModelConfig:
             ``"image"``: each image (training window, detection tile) with its own per-band mean and standard
             deviation, so a per-band gain and offset of a whole image (another sensor, site, season or
             white balance) changes nothing (:class:`GeoTransform`). Nodata pixels hold the training means
-            and count in the image's statistics.
+            and count in the image's statistics. ``None``: ``"dataset"`` with TorchGeo weights (they were
+            pretrained on their own normalisation), else :data:`NORMALIZE` (resolved by :func:`build_model`).
     """
 
     backbone: str = "mobilenet_v2"
@@ -132,7 +133,7 @@ class ModelConfig:
     trainable_layers: int | None = None
     frozen_bn: bool | None = None
     fpn_channels: int | None = None
-    normalize: str = "dataset"
+    normalize: str | None = None
 
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
@@ -154,7 +155,7 @@ class ModelConfig:
                              f"{self.in_channels}.")
         if self.num_classes < 1:
             raise InputError("the model needs at least one class.")
-        if self.normalize not in NORMALIZE_CHOICES:
+        if self.normalize is not None and self.normalize not in NORMALIZE_CHOICES:
             raise InputError(f"--normalize {self.normalize!r}: choose {' or '.join(NORMALIZE_CHOICES)}.")
         if self.fpn_channels is not None and not 8 <= self.fpn_channels <= 1024:
             raise InputError(f"--fpn-channels must be between 8 and 1024, got {self.fpn_channels}.",
@@ -176,6 +177,7 @@ class ModelConfig:
         known = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in d.items() if k in known}
         kw.setdefault("fpn_channels", 256)  # configs written before the option existed had 256
+        kw.setdefault("normalize", "dataset")  # and the training data's band statistics
         for k in ("anchor_sizes", "anchor_scales", "anchor_ratios"):
             if k in kw:
                 kw[k] = tuple(float(v) for v in kw[k])
@@ -203,6 +205,10 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 #: ``ModelConfig.normalize`` values.
 NORMALIZE_CHOICES = ("dataset", "image")
+
+#: Default normalisation without TorchGeo weights (:attr:`ModelConfig.normalize`): on the NEON held-out-site
+#: folds (bench/quality_bench.py, rows image-norm and default) it raised F1 on every fold measured.
+NORMALIZE = "image"
 
 #: Default FPN and subnet width without COCO weights (:attr:`ModelConfig.fpn_channels`).
 FPN_CHANNELS = 256
@@ -704,7 +710,7 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
 
     Returns:
         A :class:`GeoRetinaNet` in train mode, on the CPU. ``cfg.trainable_layers``, ``cfg.frozen_bn`` and
-        ``cfg.fpn_channels`` are resolved in place when ``None`` (the checkpoint then records what was built).
+        ``cfg.fpn_channels`` and ``cfg.normalize`` are resolved in place when ``None`` (the checkpoint then records what was built).
 
     Raises:
         InputError: bad config, weights that do not fit the backbone, or weights that cannot be
@@ -731,6 +737,8 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
                              "does not fit it.", fix="drop --fpn-channels, or use --weights imagenet.")
     if cfg.fpn_channels is None:
         cfg.fpn_channels = 256 if weights == "coco" else FPN_CHANNELS
+    if cfg.normalize is None:
+        cfg.normalize = "dataset" if is_torchgeo(weights) else NORMALIZE
     width = cfg.fpn_channels
     body, pretrained = _body(cfg, weights, option)
     pretrained = pretrained or weights == "coco"

@@ -4,7 +4,7 @@ import torch
 
 from geonet.anchors import STRIDES, anchor_coverage, best_anchor_iou, fit_anchors
 from geonet.errors import InputError
-from geonet.model import BACKBONES, ModelConfig, adapt_first_conv, build_model
+from geonet.model import BACKBONES, NORMALIZE, ModelConfig, adapt_first_conv, build_model
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
@@ -23,7 +23,7 @@ def test_every_backbone_builds_p3_p7_for_any_band_count(backbone, bands):
 
 
 def test_no_resize_and_data_normalisation():
-    cfg = ModelConfig(backbone="resnet18", in_channels=1, mean=[1000.0], std=[250.0])
+    cfg = ModelConfig(backbone="resnet18", in_channels=1, mean=[1000.0], std=[250.0], normalize="dataset")
     m = build_model(cfg).eval()
     img = torch.full((1, 200, 300), 1500.0)
     batch, _ = m.transform([img])
@@ -365,6 +365,8 @@ def test_per_image_normalisation_ignores_a_per_band_gain_and_offset():
     assert torch.allclose(a, b, atol=1e-4)
     a, b = outs["dataset"]
     assert not torch.allclose(a, b, atol=1e-2)
+    c = ModelConfig(backbone="resnet18", fpn_channels=32)
+    assert build_model(c).transform.per_image and c.normalize == NORMALIZE == "image"  # the default, resolved
     z = ModelConfig(backbone="resnet18", normalize="image")
     assert ModelConfig.from_dict({"backbone": "resnet18"}).normalize == "dataset"  # configs before the option
     assert ModelConfig.from_dict(z.to_dict()).normalize == "image"

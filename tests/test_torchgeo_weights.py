@@ -58,6 +58,7 @@ def test_training_takes_the_weights_bands_and_normalisation(cached, tmp_path):
     assert res.exit_code == 0, res.output
     mc = json.loads((run / "model_config.json").read_text())
     assert mc["in_channels"] == 7 and mc["mean"] == [0.0] * 7 and mc["std"] == [255.0] * 7
+    assert mc["normalize"] == "dataset"  # the weights' own normalisation, not the per-image default
     # 3-band imagery with 7-band weights: one line naming both lists
     rgb, rgb_labels, _ = make_scene(tmp_path, "rgb", width=160, height=160, n=10, bands=3, seed=4)
     res = CliRunner().invoke(cli, ["train", "--imagery", str(rgb), "--labels", str(rgb_labels), "-o",
