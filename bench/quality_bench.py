@@ -75,8 +75,9 @@ RECIPES: dict[str, str] = {
     # narrower FPN and subnets (the subnets' 3x3 convs were 85 % of the multiply-adds at 256 channels)
     "fpn-128": f"{W} --fpn-channels 128",
     "fpn-64": f"{W} --fpn-channels 64",
-    "fpn-64+image-norm": f"{W} --fpn-channels 64 --normalize image",
-    "image-norm": f"{W} --normalize image",
+    "fpn-64+dataset-norm": f"{W} --fpn-channels 64 --normalize dataset",
+    # the training data's band statistics for every image (the default before --normalize image)
+    "dataset-norm": f"{W} --normalize dataset",
     # the backbone from scratch (the ImageNet weights are the ablated change)
     "no-pretrained": "--weights none",
 }
