@@ -207,7 +207,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 NORMALIZE_CHOICES = ("dataset", "image")
 
 #: Default normalisation without TorchGeo weights (:attr:`ModelConfig.normalize`): on the NEON held-out-site
-#: folds (bench/quality_bench.py, rows image-norm and default) it raised F1 on every fold measured.
+#: folds (bench/quality_bench.py, rows default and dataset-norm) it raised F1 on every fold measured.
 NORMALIZE = "image"
 
 #: Default FPN and subnet width without COCO weights (:attr:`ModelConfig.fpn_channels`).
@@ -709,8 +709,9 @@ def build_model(cfg: ModelConfig, *, weights: str = "none") -> GeoRetinaNet:
             with torchvision key names (e.g. ``mobilenet_v2_imagenet.pth``) or a geonet checkpoint (fine-tune).
 
     Returns:
-        A :class:`GeoRetinaNet` in train mode, on the CPU. ``cfg.trainable_layers``, ``cfg.frozen_bn`` and
-        ``cfg.fpn_channels`` and ``cfg.normalize`` are resolved in place when ``None`` (the checkpoint then records what was built).
+        A :class:`GeoRetinaNet` in train mode, on the CPU. ``cfg.trainable_layers``, ``cfg.frozen_bn``,
+        ``cfg.fpn_channels`` and ``cfg.normalize`` are resolved in place when ``None`` (the checkpoint then
+        records what was built).
 
     Raises:
         InputError: bad config, weights that do not fit the backbone, or weights that cannot be
