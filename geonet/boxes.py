@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
-__all__ = ["xywh_to_xyxy", "xyxy_to_xywh", "box_ioa", "pair_iou", "intersecting_pairs", "connected_components"]
+__all__ = ["xywh_to_xyxy", "xyxy_to_xywh", "box_ioa", "pair_iou", "intersecting_pairs", "connected_components",
+           "near_duplicate_pairs", "STACK_IOU"]
 
 
 def xywh_to_xyxy(boxes) -> np.ndarray:
@@ -67,6 +68,35 @@ def intersecting_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
     i, j = shapely.STRtree(shapely.box(*b.T)).query(shapely.box(*a.T), predicate="intersects")
     order = np.lexsort((j, i))
     return i[order].astype(np.int64), j[order].astype(np.int64)
+
+
+#: IoU above which two same-class boxes count as stacked on one object (issue 10: the output may hold no more
+#: near-duplicate pairs, IoU > 0.3 and same class, than the truth does).
+STACK_IOU = 0.3
+
+
+def near_duplicate_pairs(boxes, labels=None, iou: float = STACK_IOU) -> int:
+    """Number of same-class box pairs whose IoU exceeds ``iou``: boxes stacked on one object.
+
+    Args:
+        boxes: ``[N, 4]`` xyxy (any frame, pixels or CRS units; array or tensor).
+        labels: ``[N]`` class ids (``None``: one class).
+        iou: the IoU above which two boxes count as a pair.
+
+    Returns:
+        The count of unordered pairs ``i < j`` (found with :func:`intersecting_pairs`, no ``N x N`` matrix).
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    i, j = intersecting_pairs(b, b)
+    keep = i < j
+    if labels is not None:
+        lab = np.asarray(labels).reshape(-1)
+        keep &= lab[i] == lab[j]
+    i, j = i[keep], j[keep]
+    if len(i) == 0:
+        return 0
+    t = torch.from_numpy(b)
+    return int((pair_iou(t[i], t[j]) > iou).sum())
 
 
 def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:

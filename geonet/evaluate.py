@@ -49,7 +49,7 @@ import torch
 from pyproj import CRS
 
 from geonet.atomic import atomic_dir, check_output_dir
-from geonet.boxes import connected_components, pair_iou
+from geonet.boxes import STACK_IOU, connected_components, near_duplicate_pairs, pair_iou
 from geonet.errors import InputError
 from geonet.georef import to_crs
 from geonet.labels import read_labels
@@ -478,6 +478,10 @@ def evaluate(predictions: Sequence[str], truth: str, cfg: EvalConfig, out_dir: s
     if cfg.score_thresh is not None:
         op["chosen"] = cfg.score_source
     per_class = {c: operating_point(ev, cfg.iou, score_thresh=op["score_thresh"], cat_ids=[cid[c]]) for c in classes}
+    # boxes stacked on one object: same-class pairs at IoU > 0.3 among the predictions kept at the threshold
+    kept = ps >= op["score_thresh"]
+    op["pairs"] = sum(near_duplicate_pairs(pb[kept & (pz == z)], pn[kept & (pz == z)], STACK_IOU) for z in zones)
+    op["truth_pairs"] = sum(near_duplicate_pairs(tb[tz == z], tn[tz == z], STACK_IOU) for z in zones)
     rep = EvalReport(metrics=metrics, operating=op, per_class_operating=per_class, crs=crs_desc, area_bins=(lo, hi),
                      n_predictions=len(pb), n_truth=len(tb), aoi=aoi_desc, seconds=0.0, class_map=mapping)
     if out_dir is not None:
@@ -579,6 +583,9 @@ def _markdown(rep: EvalReport, classes: list[str]) -> str:
         pc = m["per_class"][c]
         lines.append(f"| {c} | {o['precision']:.3f} | {o['recall']:.3f} | {o['f1']:.3f} | {o['tp']} | {o['fp']} | "
                      f"{o['fn']} | {_fmt(pc['AP'])} | {_fmt(pc['AP50'])} |")
+    if "pairs" in op:
+        lines += ["", f"Stacked boxes (same-class pairs at IoU > {STACK_IOU:g}): {op['pairs']} among the predictions "
+                  f"kept at the threshold, {op['truth_pairs']} in the truth."]
     lines += ["", "Computed with pycocotools' COCOeval on box envelopes in the metric CRS; `inspection.gpkg` holds the "
               "tp, fp and fn boxes."]
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from geonet.boxes import near_duplicate_pairs
 from geonet.chip import ChipConfig, plan_chips, write_chips
 from geonet.cli.main import cli
 from geonet.errors import InputError
@@ -130,6 +131,22 @@ def test_operating_point_and_inspection_layers(tmp_path):
             assert len(gpd.read_file(tmp_path / f"r{iou}" / "inspection.gpkg", layer=layer)) == n
         md = (tmp_path / f"r{iou}" / "report.md").read_text()
         assert "AP50" in md and f"IoU {iou:g}" in md and "small < 10 <= medium < 100 <= large" in md
+
+
+def test_report_counts_stacked_boxes(tmp_path):
+    truth, boxes = _truth_and_preds(tmp_path)
+    truth.to_file(tmp_path / "truth.gpkg")
+    shifted = boxes[:3].copy()
+    shifted[:, [0, 2]] += 0.2 * (boxes[:3, 2] - boxes[:3, 0])[:, None]  # IoU 0.67 with its original
+    preds = np.concatenate([boxes, shifted])
+    scores = np.r_[np.ones(len(boxes)), np.full(3, 0.9)]
+    p = _write_preds(tmp_path / "p.geojson", preds, scores)
+    rep = evaluate([str(p)], str(tmp_path / "truth.gpkg"), EvalConfig(score_thresh=0.5), tmp_path / "r")
+    want = near_duplicate_pairs(boxes)  # the random truth overlaps itself here and there
+    assert rep.operating["truth_pairs"] == want
+    assert rep.operating["pairs"] >= want + 3
+    assert f"{rep.operating['pairs']} among the predictions" in (tmp_path / "r" / "report.md").read_text()
+    assert evaluate([str(p)], str(tmp_path / "truth.gpkg"), EvalConfig(score_thresh=0.95)).operating["pairs"] == want
 
 
 def test_area_bins_in_square_metres(tmp_path):

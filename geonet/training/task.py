@@ -6,7 +6,8 @@ pycocotools and sets up the optimiser and schedule.
 
 **Operating point.** Validation detections are kept at the loosest NMS IoU of :data:`NMS_CANDIDATES`,
 then suppressed again at each candidate; the NMS IoU whose operating point (the score that maximises
-F1 at IoU 0.5) has the highest F1 is chosen (ties go to the lower IoU: fewer stacked boxes), and its
+F1 at IoU 0.5) has the highest F1 is chosen (ties go to the lower IoU: fewer stacked boxes) among those whose
+kept detections hold no more near-duplicate pairs (same class, IoU > 0.3) than the validation truth, and its
 AP, AP50, AP75 and per-class AP50 are the epoch's metrics. ``metrics["operating_point"]`` records the
 score threshold and the NMS IoU; ``geonet detect`` uses both by default, the NMS IoU inside tiles and
 across tile seams alike (both decide whether two boxes are one object).
@@ -27,6 +28,7 @@ import warnings
 import torch
 from torchvision.ops import batched_nms
 
+from geonet.boxes import STACK_IOU, near_duplicate_pairs
 from geonet.errors import RunError
 from geonet.metrics import coco_detections, coco_metrics, operating_point
 from geonet.model import ModelConfig, build_model
@@ -174,6 +176,11 @@ class DetectionTask(pl.LightningModule):
 def choose_operating_point(gt: dict, dets: list, n_classes: int) -> dict:
     """Validation metrics at the NMS IoU of :data:`NMS_CANDIDATES` with the best operating point (module docstring).
 
+    A candidate qualifies only if its detections at their operating point hold no more near-duplicate pairs
+    (same class, IoU > :data:`geonet.boxes.STACK_IOU`, :func:`geonet.boxes.near_duplicate_pairs`, summed
+    over the validation images) than the validation truth does: a looser NMS that wins F1 by keeping two
+    boxes on one object is not chosen. The smallest candidate (0.3) always qualifies: its NMS leaves no such pair.
+
     Args:
         gt: COCO ground truth of the validation split.
         dets: ``[(image_id, boxes FloatTensor[N, 4] xyxy, scores [N], labels [N]), ...]`` kept at the loosest
@@ -182,22 +189,41 @@ def choose_operating_point(gt: dict, dets: list, n_classes: int) -> dict:
 
     Returns:
         :func:`geonet.metrics.coco_metrics` keys (without ``precision``) plus ``operating_point``
-        ``{"iou", "score_thresh", "precision", "recall", "f1", "nms_iou"}`` when some detection matched.
+        ``{"iou", "score_thresh", "precision", "recall", "f1", "nms_iou", "pairs", "truth_pairs"}`` when some
+        detection matched (``pairs``: the near-duplicate pairs of the kept detections at ``score_thresh``).
     """
+    truth_pairs = _truth_pairs(gt)
     best = None
     for nms_iou in NMS_CANDIDATES:
-        coco = []
+        coco, kept = [], []
         for image_id, boxes, scores, labels in dets:
             keep = batched_nms(boxes, scores, labels, nms_iou) if len(boxes) else torch.zeros(0, dtype=torch.int64)
             ok = keep[(labels[keep] >= 1) & (labels[keep] <= n_classes)]
             coco += coco_detections(image_id, boxes[ok].numpy(), labels[ok].numpy(), scores[ok].numpy())
+            kept.append((boxes[ok], scores[ok], labels[ok]))
         m = coco_metrics(gt, coco, keep_eval=True)
         m.pop("precision", None)
         op = operating_point(m.pop("_eval"), 0.5)
+        pairs = 0
         if op["tp"] > 0:  # the score that maximises F1 at IoU 0.5: detection's default threshold
+            pairs = sum(near_duplicate_pairs(b[s >= op["score_thresh"]], lab[s >= op["score_thresh"]], STACK_IOU)
+                        for b, s, lab in kept)
             m["operating_point"] = {**{k: op[k] for k in ("iou", "score_thresh", "precision", "recall", "f1")},
-                                    "nms_iou": nms_iou}
+                                    "nms_iou": nms_iou, "pairs": pairs, "truth_pairs": truth_pairs}
         f1 = op["f1"] if op["tp"] > 0 else -1.0
+        if best is not None and pairs > truth_pairs:
+            continue  # stacks boxes that the truth does not: never chosen over a candidate that does not
         if best is None or f1 > best[0] + 1e-9:
             best = (f1, m)
     return best[1]
+
+
+def _truth_pairs(gt: dict) -> int:
+    """Near-duplicate pairs (:data:`geonet.boxes.STACK_IOU`) of the non-ignore truth boxes, per image, summed."""
+    by_image: dict = {}
+    for a in gt["annotations"]:
+        if not a.get("iscrowd", 0):
+            x, y, w, h = a["bbox"]
+            by_image.setdefault(a["image_id"], []).append((x, y, x + w, y + h, a["category_id"]))
+    return sum(near_duplicate_pairs([r[:4] for r in rows], [r[4] for r in rows], STACK_IOU)
+               for rows in by_image.values())
