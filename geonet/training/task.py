@@ -28,7 +28,7 @@ import warnings
 import torch
 from torchvision.ops import batched_nms
 
-from geonet.boxes import STACK_IOU, near_duplicate_pairs
+from geonet.boxes import STACK_IOU, near_duplicate_pairs, xywh_to_xyxy
 from geonet.errors import RunError
 from geonet.metrics import coco_detections, coco_metrics, operating_point
 from geonet.model import ModelConfig, build_model
@@ -223,7 +223,6 @@ def _truth_pairs(gt: dict) -> int:
     by_image: dict = {}
     for a in gt["annotations"]:
         if not a.get("iscrowd", 0):
-            x, y, w, h = a["bbox"]
-            by_image.setdefault(a["image_id"], []).append((x, y, x + w, y + h, a["category_id"]))
-    return sum(near_duplicate_pairs([r[:4] for r in rows], [r[4] for r in rows], STACK_IOU)
-               for rows in by_image.values())
+            by_image.setdefault(a["image_id"], []).append(a)
+    return sum(near_duplicate_pairs(xywh_to_xyxy([a["bbox"] for a in anns]), [a["category_id"] for a in anns],
+                                    STACK_IOU) for anns in by_image.values())
